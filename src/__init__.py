@@ -1,0 +1,1 @@
+"""SwiftBrush pipeline: image-free one-step distillation of Stable-Diffusion-style teachers."""

@@ -1,0 +1,190 @@
+"""Typed, validated configuration loaded from params.yaml (one section per stage).
+
+Every stage reads its settings through `load_config`, so a misspelt key, a wrong type or an
+out-of-range value is reported once, here, with the key's dotted name and what is allowed.
+
+    python -m src.config                 # print the resolved configuration
+    python -m src.config --set lr=2e-6   # ... with overrides (same syntax as `dvc exp run -S`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError, run_cli
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class WorldConfig(Section):
+    """The embedded scene world (DESIGN.md section 4)."""
+
+    resolution: int = Field(32, ge=16, le=512, multiple_of=8, description="rendered image side in pixels")
+    p_size_named: float = Field(0.5, ge=0.0, le=1.0, description="probability that a caption names the size")
+
+
+SourceKind = Literal["world", "text", "table", "coco"]
+
+
+class SourceConfig(Section):
+    """Where one split's prompts come from.
+
+    world: sampled from the scene grammar (`limit` prompts, required);
+    text:  a UTF-8 file, one prompt per line;
+    table: CSV / TSV / JSONL / Parquet with the prompts in `column`;
+    coco:  MS-COCO captions JSON (annotations format), captions in file order.
+    """
+
+    source: SourceKind = "world"
+    path: str | None = Field(None, description="input file (text, table, coco)")
+    column: str | None = Field(None, description="column holding the prompt (table)")
+    limit: int | None = Field(None, ge=1, description="world: how many to generate; files: keep the first N")
+    dedupe: bool = Field(True, description="drop repeated prompts (case-insensitive, after normalisation)")
+
+    @model_validator(mode="after")
+    def _check_source_fields(self) -> "SourceConfig":
+        if self.source == "world":
+            if self.path is not None or self.column is not None:
+                raise ValueError("'path' and 'column' are not used by source 'world'; remove them")
+            if self.limit is None:
+                raise ValueError("source 'world' needs 'limit' (how many prompts to generate)")
+        else:
+            if not self.path:
+                raise ValueError(f"source {self.source!r} needs 'path' (the input file)")
+            if self.source == "table" and not self.column:
+                raise ValueError("source 'table' needs 'column' (the column holding the prompts)")
+            if self.source != "table" and self.column is not None:
+                raise ValueError(f"'column' is only used by source 'table', not {self.source!r}")
+        return self
+
+
+class PrepareConfig(Section):
+    """The prepare stage: read, normalise, deduplicate and check prompts."""
+
+    train: SourceConfig = SourceConfig(source="world", limit=20000)
+    eval: SourceConfig = SourceConfig(source="world", limit=500)
+    tokenizer: str = Field("models/teacher/tokenizer",
+                           description="tokenizer folder (or a diffusers pipeline folder with tokenizer/)")
+    max_tokens: int = Field(77, ge=2, le=4096, description="text encoder limit, special tokens included")
+
+
+class Config(Section):
+    """The whole params.yaml."""
+
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="root seed of every stage")
+    lr: float = Field(1e-6, gt=0.0, le=1.0, description="student learning rate (distill; paper: 1e-6)")
+    world: WorldConfig = WorldConfig()
+    prepare: PrepareConfig = PrepareConfig()
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (the location of an unknown key) in the schema."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc)
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key; allowed: {', '.join(allowed)}"
+            if hint:
+                msg += f" (did you mean {hint[0]!r}?)"
+        else:
+            msg = e["msg"]
+            if e["type"] not in ("missing", "value_error") and "input" in e:
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return f"{source}: invalid configuration\n" + "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], parsed YAML value); the syntax of `dvc exp run -S`."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. lr=1e-6")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `key.path=value` override set."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def config_from_dict(raw: Any, source: str = "params.yaml") -> Config:
+    """Validate a parsed params mapping; raise UserError naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"params file {path} not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    return config_from_dict(apply_overrides(raw or {}, overrides or []), str(path))
+
+
+def dump(section: BaseModel) -> str:
+    """YAML text of a (validated) section, as a stage would use it."""
+    return yaml.safe_dump(section.model_dump(mode="json"), sort_keys=False)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every stage CLI shares."""
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, e.g. --set prepare.train.limit=100 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Validate params.yaml and print the resolved configuration.")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    print(dump(load_config(args.params, args.overrides)), end="")
+
+
+if __name__ == "__main__":
+    run_cli(main)

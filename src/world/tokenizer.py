@@ -1,0 +1,89 @@
+"""Build a CLIP BPE tokenizer for the world's grammar (same file format as SD's tokenizer).
+
+The vocabulary is CLIP's byte-level base (256 byte symbols, each also with the end-of-word
+marker `</w>`) plus BPE merges learned on the grammar's words until every word is one
+token, plus the two special tokens. Any text still tokenises (unknown words fall back to
+byte symbols); grammar words cost one token each. The result loads with
+`CLIPTokenizer.from_pretrained` and `CLIPTokenizerFast.from_pretrained`.
+
+    python -m src.world.tokenizer --out models/teacher/tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTokenizer
+
+from ..errors import UserError, run_cli
+from ..fileio import atomic_dir
+from .scene import vocabulary
+
+EOW = "</w>"
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+MAX_LENGTH = 77
+
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges (in rank order) that turn every word of `words` into a single symbol."""
+    alphabet = byte_alphabet()
+    tok = Tokenizer(models.BPE(end_of_word_suffix=EOW))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,  # large enough that training stops only when nothing is left to merge
+        min_frequency=0,
+        initial_alphabet=alphabet,
+        end_of_word_suffix=EOW,
+        show_progress=False,
+    )
+    tok.train_from_iterator(words, trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.model.save(tmp)
+        lines = Path(tmp, "merges.txt").read_text(encoding="utf-8").splitlines()
+    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+
+
+def byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (sorted: stable ids)."""
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's vocabulary layout: bytes, bytes + </w>, one entry per merge, then specials."""
+    base = byte_alphabet()
+    tokens = base + [b + EOW for b in base] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def build_tokenizer(out_dir: Path, words: list[str] | None = None) -> CLIPTokenizer:
+    """Learn merges for `words` (default: the grammar's vocabulary) and save to `out_dir`."""
+    merges = learn_merges(words or vocabulary())
+    vocab = clip_vocab(merges)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=list(merges),
+                              model_max_length=MAX_LENGTH)
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        # The slow-tokenizer files too, so that older transformers releases load it as well.
+        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (tmp / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("models/teacher/tokenizer"),
+                        help="folder to write (replaced atomically)")
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a folder")
+    tok = build_tokenizer(args.out)
+    print(f"wrote {args.out} ({len(tok)} tokens)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
