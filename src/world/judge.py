@@ -25,6 +25,8 @@ _PALETTE_RGB = np.array([PALETTE[c] for c in _PALETTE_NAMES], dtype=np.float32)
 _DETECT_THRESHOLD = 40.0
 # Side threshold between "small" and "large", halfway between the two rendered sides.
 _SIZE_SPLIT = (SIZES["small"] + SIZES["large"]) / 2
+# Blur (pixels) applied to both the observed and the template coverage before comparing.
+_FIT_BLUR = 0.7
 ATTRIBUTES: tuple[str, ...] = ("shape", "color", "position", "size", "background")
 
 
@@ -54,8 +56,8 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _grid_cell(fx: float, fy: float) -> str:
-    col = ("left", "", "right")[min(int(fx * 3), 2)]
-    row = ("top", "", "bottom")[min(int(fy * 3), 2)]
+    col = ("left", "", "right")[min(max(int(fx * 3), 0), 2)]
+    row = ("top", "", "bottom")[min(max(int(fy * 3), 0), 2)]
     return " ".join(p for p in (row, col) if p) or "center"
 
 
@@ -69,7 +71,8 @@ def read_scene(image: np.ndarray) -> Reading:
     bg_rgb = np.median(border, axis=0)
     background = nearest_color(bg_rgb)
 
-    dist = np.linalg.norm(img - bg_rgb, axis=2)
+    # Detection on a median-filtered copy: robust to pixel noise, keeps edges in place.
+    dist = np.linalg.norm(ndimage.median_filter(img, size=(3, 3, 1)) - bg_rgb, axis=2)
     candidate = _largest_component(dist > _DETECT_THRESHOLD)
     if candidate.sum() < 3:
         return Reading(background=background)
@@ -80,7 +83,8 @@ def read_scene(image: np.ndarray) -> Reading:
 
     # Per-pixel coverage: projection of (pixel - background) onto (object - background).
     axis = obj_rgb - bg_rgb
-    coverage = np.clip(((img - bg_rgb) @ axis) / max(float(axis @ axis), 1e-6), 0.0, 1.0)
+    # Left unclipped (up to a margin), so that pixel noise averages out of area and centroid.
+    coverage = np.clip(((img - bg_rgb) @ axis) / max(float(axis @ axis), 1e-6), -0.5, 1.5)
     near = ndimage.binary_dilation(candidate, iterations=2)
     coverage = np.where(near, coverage, 0.0)
     area = float(coverage.sum())
@@ -90,7 +94,13 @@ def read_scene(image: np.ndarray) -> Reading:
     centroid = (float((coverage * xs).sum()) / area, float((coverage * ys).sum()) / area)
     # Fit each shape by its area and centroid, then keep the one whose rendering matches best.
     fits = {s: _fit_box(s, area, centroid) for s in SHAPES}
-    shape = min(SHAPES, key=lambda s: float(((_coverage(s, fits[s], (h, w)) - coverage) ** 2).sum()))
+    # Compared at a common blur, so that a softly drawn object still matches its shape.
+    seen = ndimage.gaussian_filter(coverage, _FIT_BLUR)
+
+    def misfit(s: str) -> float:
+        return float(((ndimage.gaussian_filter(_coverage(s, fits[s], (h, w)), _FIT_BLUR) - seen) ** 2).sum())
+
+    shape = min(SHAPES, key=misfit)
     x0, y0, x1, y1 = fits[shape]
     position = _grid_cell((x0 + x1) / 2 / w, (y0 + y1) / 2 / h)
     size = "large" if (x1 - x0) / w >= _SIZE_SPLIT else "small"

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
 
 from ..errors import UserError, run_cli
@@ -29,22 +28,29 @@ MAX_LENGTH = 77
 
 
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
-    """BPE merges (in rank order) that turn every word of `words` into a single symbol."""
-    alphabet = byte_alphabet()
-    tok = Tokenizer(models.BPE(end_of_word_suffix=EOW))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,  # large enough that training stops only when nothing is left to merge
-        min_frequency=0,
-        initial_alphabet=alphabet,
-        end_of_word_suffix=EOW,
-        show_progress=False,
-    )
-    tok.train_from_iterator(words, trainer)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.model.save(tmp)
-        lines = Path(tmp, "merges.txt").read_text(encoding="utf-8").splitlines()
-    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    """BPE merges (in rank order) that turn every word of `words` into a single symbol.
+
+    Classic BPE training (most frequent adjacent pair first) with ties broken by the pair's
+    text, so the result is reproducible byte for byte; `tokenizers`' BpeTrainer breaks ties
+    in hash order and gives a different file from run to run.
+    """
+    seqs = [list(w[:-1]) + [w[-1] + EOW] for w in sorted(set(words)) if w]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for seq in seqs:
+            i = 0
+            while i < len(seq) - 1:
+                if (seq[i], seq[i + 1]) == best:
+                    seq[i:i + 2] = [seq[i] + seq[i + 1]]
+                i += 1
 
 
 def byte_alphabet() -> list[str]:

@@ -1,0 +1,1 @@
+"""Benchmark commands: each measures on the current machine and writes numbers into reports/."""

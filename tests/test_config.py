@@ -1,0 +1,102 @@
+"""params.yaml validation: every bad key, type or range gives one error naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from src.config import Config, apply_overrides, config_from_dict, load_config
+from src.errors import UserError
+
+
+def test_repository_params_validate(repo):
+    cfg = load_config(repo / "params.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.lr == pytest.approx(1e-6)  # the paper's student lr, top level for `dvc exp run -S lr=...`
+
+
+def _error(raw: dict) -> str:
+    with pytest.raises(UserError) as err:
+        config_from_dict(raw)
+    return str(err.value)
+
+
+def test_unknown_top_level_key_is_named_with_a_suggestion():
+    msg = _error({"lrr": 1e-6})
+    assert "lrr: unknown key" in msg and "did you mean 'lr'" in msg
+
+
+def test_unknown_nested_key_is_named_with_its_path():
+    msg = _error({"prepare": {"trian": {"source": "world", "limit": 5}}})
+    assert "prepare.trian: unknown key" in msg and "did you mean 'train'" in msg
+    msg = _error({"prepare": {"train": {"source": "world", "limit": 5, "limt": 3}}})
+    assert "prepare.train.limt" in msg and "did you mean 'limit'" in msg
+
+
+@pytest.mark.parametrize("raw, key, words", [
+    ({"lr": "fast"}, "lr", "valid number"),
+    ({"lr": -1.0}, "lr", "greater than 0"),
+    ({"world": {"resolution": 30}}, "world.resolution", "multiple of 8"),
+    ({"world": {"resolution": 8}}, "world.resolution", "greater than or equal to 16"),
+    ({"prepare": {"max_tokens": "many"}}, "prepare.max_tokens", "valid integer"),
+    ({"prepare": {"train": {"source": "jsonl", "path": "x"}}}, "prepare.train.source", "'world', 'text'"),
+    ({"prepare": {"eval": {"source": "world", "limit": 0}}}, "prepare.eval.limit", "greater than or equal to 1"),
+])
+def test_bad_values_name_the_key_and_the_allowed_range(raw, key, words):
+    msg = _error(raw)
+    assert f"{key}:" in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("source, words", [
+    ({"source": "world"}, "needs 'limit'"),
+    ({"source": "world", "limit": 3, "path": "a.txt"}, "not used by source 'world'"),
+    ({"source": "text"}, "needs 'path'"),
+    ({"source": "table", "path": "a.csv"}, "needs 'column'"),
+    ({"source": "coco", "path": "c.json", "column": "caption"}, "only used by source 'table'"),
+])
+def test_source_fields_are_checked_together(source, words):
+    msg = _error({"prepare": {"train": source}})
+    assert "prepare.train" in msg and words in msg
+
+
+def test_overrides_use_dvc_syntax_and_dvc_written_floats(tmp_path):
+    # DVC (ruamel, YAML 1.2) writes `lr: 1e-06`, which PyYAML reads as a string: still a float here.
+    p = tmp_path / "params.yaml"
+    p.write_text("lr: 1e-06\nprepare:\n  train: {source: world, limit: 10}\n")
+    assert load_config(p).lr == pytest.approx(1e-6)
+    cfg = load_config(p, ["lr=2e-6", "prepare.train.limit=7"])
+    assert cfg.lr == pytest.approx(2e-6) and cfg.prepare.train.limit == 7
+    raw = apply_overrides({"a": {"b": 1}}, ["a.c=x"])
+    assert raw == {"a": {"b": 1, "c": "x"}}
+
+
+def test_missing_and_malformed_params_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prepare: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_config(top)
+
+
+def test_cli_reports_one_clear_line_and_exit_status_2(tmp_path, repo):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"prepare": {"max_tokens": -3}}))
+    run = subprocess.run([sys.executable, "-m", "src.prepare", "--params", str(p), "--dry-run"],
+                         cwd=repo, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "prepare.max_tokens" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_dry_run_prints_the_resolved_section(repo):
+    run = subprocess.run([sys.executable, "-m", "src.prepare", "--dry-run", "--set", "prepare.eval.limit=9"],
+                         cwd=repo, capture_output=True, text=True, check=True)
+    printed = yaml.safe_load(run.stdout)
+    assert printed["eval"]["limit"] == 9 and printed["max_tokens"] == 77
