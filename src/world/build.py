@@ -1,0 +1,440 @@
+"""Build the embedded teacher and evaluator from rendered scenes only ("pretraining").
+
+    python -m src.world.build                 # full build into models/ (about an hour on 2 cores)
+    python -m src.world.build --scale micro   # seconds; what CI runs, into a folder you name
+
+Writes, each atomically:
+  models/teacher/    a Stable Diffusion pipeline (CLIP tokenizer + CLIPTextModel + UNet2DConditionModel
+                     + AutoencoderKL + DDIM scheduler), fp16 safetensors, loadable with the stock
+                     `StableDiffusionPipeline.from_pretrained`;
+  models/evaluator/  a separate tiny CLIPModel + CLIPProcessor (CLIP score and FID features);
+  models/build.json  the build record: command, seeds, steps, wall times, measured numbers.
+
+Order and why: (1) a CLIP trained contrastively on scenes gives the teacher a pretrained,
+frozen text tower (as SD's text encoder is a pretrained CLIP); (2) a second CLIP with another
+seed and shape is the evaluator, kept apart so evaluation stays independent of the teacher;
+(3) the VAE is trained and checked (PSNR, judge accuracy on reconstructions) before (4) the
+UNet learns epsilon on its latents, with 10% empty captions so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import UserError, run_cli
+from ..fileio import atomic_dir, write_json
+from .judge import read_scene, score
+from .render import render
+from .scene import Scene, caption, sample_scene
+
+# Stable Diffusion's training noise schedule (scaled-linear betas, 1000 steps).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """A tiny CLIP: both towers' width/depth and its contrastive training."""
+
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    patch: int = 4
+    steps: int = 1500
+    batch: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every knob of the build; `FULL` is what made the committed models, `MICRO` is for CI."""
+
+    resolution: int = 32
+    n_scenes: int = 40_000          # pre-rendered training scenes (captions are drawn fresh each step)
+    n_heldout: int = 512            # scenes for the VAE's held-out PSNR / judge check
+    p_size_named: float = 0.5
+    seed: int = 0
+    text: ClipSpec = ClipSpec()                                    # teacher's text tower comes from this
+    evaluator: ClipSpec = ClipSpec(hidden=96, layers=3, seed=1)    # independent evaluator CLIP
+    vae_channels: tuple[int, ...] = (16, 32, 64)                   # 3 levels: downsampling factor 4
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-6
+    vae_norm_groups: int = 1        # per-channel GroupNorm (groups = channels) erases flat colours; 1 keeps them
+    vae_object_weight: float = 10.0  # loss weight of object pixels vs background
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_steps: int = 6000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    p_uncond: float = 0.1           # caption dropout, so classifier-free guidance works
+    threads: int = 2
+
+
+FULL = BuildConfig()
+MICRO = BuildConfig(
+    n_scenes=256, n_heldout=32,
+    text=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16),
+    evaluator=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16, seed=1),
+    vae_channels=(8, 16, 16), vae_steps=3, vae_batch=8,
+    unet_channels=(32, 32, 32), unet_steps=3, unet_batch=8,
+)
+SCALES = {"full": FULL, "micro": MICRO}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class SceneSet:
+    """Rendered scenes: uint8 images (N, H, W, 3), the scenes and their render seeds."""
+
+    images: np.ndarray
+    scenes: list[Scene]
+    seeds: list[int]
+
+
+def render_scenes(n: int, resolution: int, seed: int, p_size_named: float) -> SceneSet:
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, p_size_named) for _ in range(n)]
+    seeds = [seed * 10_000_019 + i for i in range(n)]
+    images = np.stack([render(s, resolution, seed=k) for s, k in zip(scenes, seeds)])
+    return SceneSet(images, scenes, seeds)
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] (the VAE's and CLIP's input range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids padded to the model length, as StableDiffusionPipeline does."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+# --------------------------------------------------------------------------- CLIP
+
+
+def make_clip(spec: ClipSpec, tokenizer, resolution: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=4 * spec.hidden,
+                num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=spec.hidden, intermediate_size=4 * spec.hidden, num_hidden_layers=spec.layers,
+                  num_attention_heads=spec.heads, image_size=resolution, patch_size=spec.patch)
+    torch.manual_seed(spec.seed)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec.hidden))
+
+
+def train_clip(spec: ClipSpec, data: SceneSet, tokenizer, resolution: int, desc: str):
+    """Contrastive training on (render, fresh caption) pairs; returns the model in eval mode."""
+    model = make_clip(spec, tokenizer, resolution)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
+    sched = _warmup_cosine(opt, spec.steps)
+    rng = random.Random(spec.seed)
+    pixels = to_unit(data.images)
+    model.train()
+    for _ in (bar := tqdm(range(spec.steps), desc=desc, mininterval=2)):
+        idx = rng.sample(range(len(data.scenes)), spec.batch)
+        ids = tokenize(tokenizer, [caption(data.scenes[i], rng) for i in idx])
+        loss = model(input_ids=ids, pixel_values=pixels[idx], return_loss=True).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model.eval()
+
+
+@torch.no_grad()
+def retrieval_accuracy(model, tokenizer, images: np.ndarray, prompts: list[str],
+                       attributes: list[dict]) -> dict[str, float]:
+    """Image-to-text top-1 over the given prompts: exact caption, and any caption with the same attributes."""
+    img = F.normalize(model.get_image_features(pixel_values=to_unit(images)).pooler_output, dim=-1)
+    txt = F.normalize(model.get_text_features(input_ids=tokenize(tokenizer, prompts)).pooler_output, dim=-1)
+    top = (img @ txt.T).argmax(dim=1).tolist()
+    exact = np.mean([t == i for i, t in enumerate(top)])
+    same = np.mean([attributes[t] == attributes[i] for i, t in enumerate(top)])
+    return {"exact": float(exact), "attributes": float(same)}
+
+
+# --------------------------------------------------------------------------- VAE
+
+
+def make_vae(channels: tuple[int, ...], resolution: int, seed: int, norm_groups: int = 1):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels), layers_per_block=1, latent_channels=4,
+        norm_num_groups=norm_groups, sample_size=resolution)
+
+
+def object_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights: `weight` where a pixel differs from the corner (background) colour, else 1.
+
+    The object covers 5-13% of a scene; an unweighted loss is satisfied by a good background
+    and a coloured blob, which the judge (rightly) fails on shape and colour.
+    """
+    differs = (x - x[:, :, :1, :1]).abs().sum(dim=1, keepdim=True) > 0.1
+    return 1.0 + (weight - 1.0) * differs.float()
+
+
+def train_vae(cfg: BuildConfig, data: SceneSet):
+    """Object-weighted L1 + L2 reconstruction with a tiny KL term (flat colours need no perceptual loss)."""
+    vae = make_vae(cfg.vae_channels, cfg.resolution, cfg.seed, cfg.vae_norm_groups)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = _warmup_cosine(opt, cfg.vae_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pixels = to_unit(data.images)
+    vae.train()
+    for _ in (bar := tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)):
+        x = pixels[torch.randint(0, len(pixels), (cfg.vae_batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        w = object_weights(x, cfg.vae_object_weight)
+        loss = ((rec - x).abs() * w).mean() + ((rec - x).pow(2) * w).mean() + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Posterior means (unscaled) of `images`."""
+    return torch.cat([vae.encode(to_unit(images[i:i + batch])).latent_dist.mode()
+                      for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def check_vae(vae, data: SceneSet) -> dict[str, float]:
+    """PSNR (dB, on [0, 1] images) and judge accuracy of reconstructions."""
+    z = encode_latents(vae, data.images)
+    rec = torch.cat([vae.decode(z[i:i + 256]).sample for i in range(0, len(z), 256)])
+    x = to_unit(data.images)
+    mse = ((rec.clamp(-1, 1) - x) / 2).pow(2).mean().item()
+    imgs = to_uint8(rec)
+    acc = np.mean([score(read_scene(im), s.attributes())["all"] for im, s in zip(imgs, data.scenes)])
+    return {"vae_psnr": 10 * math.log10(1.0 / max(mse, 1e-12)), "vae_judge_accuracy": float(acc)}
+
+
+# --------------------------------------------------------------------------- UNet
+
+
+def make_unet(channels: tuple[int, ...], latent_size: int, cross_dim: int, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=min(32, channels[0]))
+
+
+def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_encoder, tokenizer):
+    """Epsilon-prediction on SD's schedule, text from the frozen encoder, `p_uncond` empty captions."""
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon")
+    unet = make_unet(cfg.unet_channels, latents.shape[-1], text_encoder.config.hidden_size, cfg.seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    sched = _warmup_cosine(opt, cfg.unet_steps)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    unet.train()
+    for _ in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
+        idx = [rng.randrange(len(latents)) for _ in range(cfg.unet_batch)]
+        texts = ["" if rng.random() < cfg.p_uncond else caption(data.scenes[i], rng) for i in idx]
+        with torch.no_grad():
+            cond = text_encoder(tokenize(tokenizer, texts))[0]                    # (B, 77, D)
+        x0 = latents[idx]                                                         # (B, 4, h, w), scaled
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return unet.eval()
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def _warmup_cosine(opt, steps: int, warmup: float = 0.05):
+    w = max(1, int(steps * warmup))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / w) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+
+
+def save_teacher(out: Path, tokenizer, text_encoder, vae, unet, tokenizer_dir: Path) -> None:
+    """Save as a Stable Diffusion pipeline in fp16 safetensors (DDIM, trailing spacing).
+
+    The tokenizer's vocab.json / merges.txt are copied along, so that the folder also loads
+    with tokenizer-file readers that predate tokenizer.json.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16)
+    extra = {name: (tokenizer_dir / name).read_bytes() for name in ("vocab.json", "merges.txt")}
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, data in extra.items():
+            (tmp / "tokenizer" / name).write_bytes(data)
+
+
+def save_evaluator(out: Path, model, tokenizer, resolution: int) -> None:
+    """CLIPModel + CLIPProcessor (tokenizer + image processor for `resolution`-px scenes)."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": resolution},
+                                         crop_size={"height": resolution, "width": resolution},
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    with atomic_dir(out) as tmp:
+        model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
+    model.float()
+
+
+def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
+    """Run the whole build; return the build record (also written to out_dir/build.json)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.set_num_threads(cfg.threads)
+    if not (tokenizer_dir / "vocab.json").is_file():
+        raise UserError(f"--tokenizer {tokenizer_dir}: no vocab.json (build it with python -m src.world.tokenizer)")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    record: dict = {"command": " ".join(["python -m src.world.build", *sys.argv[1:]]),
+                    "config": asdict(cfg), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                    "wall_s": {}, "metrics": {}}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        record["wall_s"][name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    data = render_scenes(cfg.n_scenes, cfg.resolution, cfg.seed, cfg.p_size_named)
+    held = render_scenes(cfg.n_heldout, cfg.resolution, cfg.seed + 1000, cfg.p_size_named)
+    lap("render")
+
+    text_clip = train_clip(cfg.text, data, tokenizer, cfg.resolution, "text tower (clip)")
+    text_encoder = CLIPTextModel(text_clip.config.text_config)
+    text_encoder.load_state_dict(text_clip.text_model.state_dict(), strict=False)
+    text_encoder.eval().requires_grad_(False)
+    lap("text_clip")
+
+    evaluator = train_clip(cfg.evaluator, data, tokenizer, cfg.resolution, "evaluator (clip)")
+    rng = random.Random(cfg.seed + 7)
+    held_prompts = [caption(s, rng) for s in held.scenes]
+    held_attrs = [s.attributes() for s in held.scenes]
+    record["metrics"]["clip_retrieval_accuracy"] = retrieval_accuracy(
+        evaluator, tokenizer, held.images, held_prompts, held_attrs)["attributes"]
+    record["metrics"]["text_clip_retrieval_accuracy"] = retrieval_accuracy(
+        text_clip, tokenizer, held.images, held_prompts, held_attrs)["attributes"]
+    lap("evaluator_clip")
+
+    vae = train_vae(cfg, data)
+    record["metrics"].update(check_vae(vae, held))
+    latents = encode_latents(vae, data.images)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    latents = latents * vae.config.scaling_factor
+    lap("vae")
+
+    unet = train_unet(cfg, latents, data, text_encoder, tokenizer)
+    lap("unet")
+
+    save_teacher(out_dir / "teacher", tokenizer, text_encoder, vae, unet, tokenizer_dir)
+    save_evaluator(out_dir / "evaluator", evaluator, tokenizer, cfg.resolution)
+    record["wall_s"]["total"] = round(sum(record["wall_s"].values()), 1)
+    write_json(out_dir / "build.json", record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="full", help="full (committed models) or micro")
+    parser.add_argument("--out", type=Path, default=Path("models"), help="folder for teacher/, evaluator/, build.json")
+    parser.add_argument("--tokenizer", type=Path, default=Path("models/teacher/tokenizer"),
+                        help="the world tokenizer folder (python -m src.world.tokenizer)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one BuildConfig field, e.g. --set unet_steps=100")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved build config and exit")
+    args = parser.parse_args(argv)
+    cfg = apply_build_overrides(SCALES[args.scale], args.overrides)
+    if args.dry_run:
+        print(json.dumps(asdict(cfg), indent=2))
+        return
+    record = build(cfg, args.out, args.tokenizer)
+    print(json.dumps(record["metrics"], indent=2))
+    print(f"wrote {args.out}/teacher, {args.out}/evaluator, {args.out}/build.json "
+          f"in {record['wall_s']['total']:.0f} s")
+
+
+def apply_build_overrides(cfg: BuildConfig, overrides: list[str]) -> BuildConfig:
+    """`field=value` or `text.steps=value` overrides, type-checked against the defaults."""
+    import yaml
+
+    for text in overrides:
+        key, _, value = text.partition("=")
+        parts = key.split(".")
+        target = cfg if len(parts) == 1 else getattr(cfg, parts[0], None)
+        name = parts[-1]
+        if target is None or len(parts) > 2 or name not in target.__dataclass_fields__:
+            raise UserError(f"--set {text!r}: unknown build key {key!r}")
+        old = getattr(target, name)
+        new = yaml.safe_load(value)
+        if isinstance(old, tuple):
+            new = tuple(new) if isinstance(new, list) else None
+        elif isinstance(old, float) and isinstance(new, (int, str)):
+            try:
+                new = float(new)
+            except ValueError:
+                new = None
+        if new is None or not isinstance(new, type(old)):
+            raise UserError(f"--set {text!r}: expected {type(old).__name__} for {key!r}")
+        target = replace(target, **{name: new})
+        cfg = target if len(parts) == 1 else replace(cfg, **{parts[0]: target})
+    return cfg
+
+
+if __name__ == "__main__":
+    run_cli(main)
