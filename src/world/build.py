@@ -68,19 +68,21 @@ class BuildConfig:
     p_size_named: float = 0.5
     seed: int = 0
     text: ClipSpec = ClipSpec()                                    # teacher's text tower comes from this
-    evaluator: ClipSpec = ClipSpec(hidden=96, layers=3, seed=1)    # independent evaluator CLIP
+    evaluator: ClipSpec = ClipSpec(seed=1)                         # independent evaluator CLIP (own seed)
     vae_channels: tuple[int, ...] = (16, 32, 64)                   # 3 levels: downsampling factor 4
-    vae_steps: int = 3000
+    vae_steps: int = 4000
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
     vae_norm_groups: int = 1        # per-channel GroupNorm (groups = channels) erases flat colours; 1 keeps them
     vae_object_weight: float = 10.0  # loss weight of object pixels vs background
-    unet_channels: tuple[int, ...] = (64, 128, 128)
-    unet_steps: int = 6000
+    unet_channels: tuple[int, ...] = (64, 64, 128)
+    unet_steps: int = 7000
     unet_batch: int = 64
     unet_lr: float = 5e-4
     p_uncond: float = 0.1           # caption dropout, so classifier-free guidance works
+    val_every: int = 1000           # UNet steps between quick validations (judge accuracy, 10 DDIM steps)
+    val_prompts: int = 64
     threads: int = 2
 
 
@@ -90,7 +92,7 @@ MICRO = BuildConfig(
     text=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16),
     evaluator=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16, seed=1),
     vae_channels=(8, 16, 16), vae_steps=3, vae_batch=8,
-    unet_channels=(32, 32, 32), unet_steps=3, unet_batch=8,
+    unet_channels=(32, 32, 32), unet_steps=3, unet_batch=8, val_every=3, val_prompts=4,
 )
 SCALES = {"full": FULL, "micro": MICRO}
 
@@ -261,8 +263,12 @@ def make_unet(channels: tuple[int, ...], latent_size: int, cross_dim: int, seed:
         cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=min(32, channels[0]))
 
 
-def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_encoder, tokenizer):
-    """Epsilon-prediction on SD's schedule, text from the frozen encoder, `p_uncond` empty captions."""
+def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_encoder, tokenizer, vae,
+               val: SceneSet, curve: list):
+    """Epsilon-prediction on SD's schedule, text from the frozen encoder, `p_uncond` empty captions.
+
+    Every `val_every` steps, appends (step, judge accuracy of 10-step CFG-4.5 samples on `val`) to `curve`.
+    """
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon")
@@ -272,7 +278,7 @@ def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_enc
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     unet.train()
-    for _ in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
+    for i in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
         idx = [rng.randrange(len(latents)) for _ in range(cfg.unet_batch)]
         texts = ["" if rng.random() < cfg.p_uncond else caption(data.scenes[i], rng) for i in idx]
         with torch.no_grad():
@@ -288,7 +294,25 @@ def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_enc
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        step = i + 1
+        if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.unet_steps):
+            acc = validate(make_pipeline(tokenizer, text_encoder, vae, unet.eval()), val, cfg.seed)
+            curve.append({"step": step, "loss": round(loss.item(), 5), "attribute_accuracy_10": acc})
+            tqdm.write(f"unet step {step}: judge accuracy (10 steps, CFG 4.5) {acc:.3f}")
+            unet.train()
     return unet.eval()
+
+
+@torch.no_grad()
+def validate(pipe, val: SceneSet, seed: int, steps: int = 10, cfg: float = 4.5) -> float:
+    """Judge accuracy of teacher samples for `val`'s scenes (one fixed caption each)."""
+    rng = random.Random(seed + 99)
+    prompts = [caption(s, rng) for s in val.scenes]
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    pipe.set_progress_bar_config(disable=True)
+    imgs = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, generator=gens, output_type="np").images
+    imgs = (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
+    return float(np.mean([score(read_scene(im), s.attributes())["all"] for im, s in zip(imgs, val.scenes)]))
 
 
 # --------------------------------------------------------------------------- assembly
@@ -300,19 +324,24 @@ def _warmup_cosine(opt, steps: int, warmup: float = 0.05):
         opt, lambda s: min(1.0, (s + 1) / w) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
 
+def make_pipeline(tokenizer, text_encoder, vae, unet):
+    """The components as a StableDiffusionPipeline with SD's DDIM scheduler (trailing spacing)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def save_teacher(out: Path, tokenizer, text_encoder, vae, unet, tokenizer_dir: Path) -> None:
     """Save as a Stable Diffusion pipeline in fp16 safetensors (DDIM, trailing spacing).
 
     The tokenizer's vocab.json / merges.txt are copied along, so that the folder also loads
     with tokenizer-file readers that predate tokenizer.json.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    scheduler = DDIMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = make_pipeline(tokenizer, text_encoder, vae, unet)
     pipe.to(torch.float16)
     extra = {name: (tokenizer_dir / name).read_bytes() for name in ("vocab.json", "merges.txt")}
     with atomic_dir(out) as tmp:
@@ -379,7 +408,9 @@ def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
     latents = latents * vae.config.scaling_factor
     lap("vae")
 
-    unet = train_unet(cfg, latents, data, text_encoder, tokenizer)
+    record["unet_curve"] = []
+    val = SceneSet(held.images[:cfg.val_prompts], held.scenes[:cfg.val_prompts], held.seeds[:cfg.val_prompts])
+    unet = train_unet(cfg, latents, data, text_encoder, tokenizer, vae, val, record["unet_curve"])
     lap("unet")
 
     save_teacher(out_dir / "teacher", tokenizer, text_encoder, vae, unet, tokenizer_dir)
