@@ -80,6 +80,39 @@ class PrepareConfig(Section):
     max_tokens: int = Field(77, ge=2, le=4096, description="text encoder limit, special tokens included")
 
 
+class DistillConfig(Section):
+    """The distill stage: SwiftBrush VSD (DESIGN.md section 5). Paper values in the descriptions."""
+
+    teacher: str = Field("models/teacher", description="diffusers SD pipeline folder, or a cached hub id")
+    steps: int = Field(1000, ge=1, description="optimisation steps (paper: ~244k at batch 16 x 8 GPUs)")
+    batch_size: int = Field(16, ge=1, le=4096, description="prompts per step per process (paper: 16)")
+    lora_lr: float = Field(1e-3, gt=0.0, le=1.0, description="LoRA-teacher Adam lr (paper: 1e-3)")
+    lora_rank: int = Field(64, ge=1, le=1024, description="LoRA rank (paper: 64)")
+    lora_alpha: float = Field(108.0, gt=0.0, description="LoRA alpha (paper: 108)")
+    lora_targets: list[str] = Field(["to_q", "to_v"], min_length=1, description="attention projections (paper)")
+    guidance_scale: float = Field(4.5, ge=1.0, le=50.0, description="CFG on teacher and LoRA teacher (paper: 4.5)")
+    t_min: int = Field(20, ge=0, le=999, description="VSD timestep range, low end (paper: 20)")
+    t_max: int = Field(980, ge=0, le=999, description="VSD timestep range, high end (paper: 980)")
+    p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="LoRA-teacher prompt dropout (paper: 0.1)")
+    reduction: Literal["mean", "sum_over_batch"] = Field("mean", description="VSD loss reduction (official: mean)")
+    grad_clip: float = Field(1.0, gt=0.0, description="max grad norm for both updates (paper: 1.0)")
+    ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="student EMA decay; null = off (optional)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision (GPU)")
+    gradient_checkpointing: bool = Field(False, description="trade compute for memory (SD 2.1 at 512 px)")
+    checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept")
+    log_every: int = Field(10, ge=1, description="steps between DVCLive metric rows")
+    val_every: int = Field(100, ge=1, description="steps between one-step validations")
+    val_prompts: int = Field(64, ge=1, description="eval prompts used by the validation")
+    max_nonfinite: int = Field(5, ge=1, description="consecutive non-finite steps before the run stops")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "DistillConfig":
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        return self
+
+
 class Config(Section):
     """The whole params.yaml."""
 
@@ -87,6 +120,7 @@ class Config(Section):
     lr: float = Field(1e-6, gt=0.0, le=1.0, description="student learning rate (distill; paper: 1e-6)")
     world: WorldConfig = WorldConfig()
     prepare: PrepareConfig = PrepareConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

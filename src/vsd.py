@@ -73,7 +73,11 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch
 
 @contextlib.contextmanager
 def adapters(unet, enabled: bool) -> Iterator[None]:
-    """Run `unet` with its LoRA adapters on (the LoRA teacher) or off (the frozen teacher)."""
+    """Run `unet` with its LoRA adapters on (the LoRA teacher) or off (the frozen teacher).
+
+    Works through a DistributedDataParallel wrapper (toggles the wrapped module).
+    """
+    unet = getattr(unet, "module", unet)
     if enabled:
         unet.enable_adapters()
     else:

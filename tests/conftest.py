@@ -28,3 +28,25 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     build_tokenizer(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_models(tmp_path_factory, tokenizer_dir):
+    """Teacher + evaluator from the real build code at micro scale: (folder, build record)."""
+    from src.world.build import MICRO, build
+
+    out = tmp_path_factory.mktemp("models")
+    record = build(MICRO, out, tokenizer_dir)
+    return out, record
+
+
+@pytest.fixture(scope="session")
+def world_prompts(tmp_path_factory, tokenizer_dir) -> Path:
+    """A small prepared prompt folder (train.jsonl, eval.jsonl) from the world grammar."""
+    from src.config import PrepareConfig, SourceConfig, WorldConfig
+    from src.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prompts")
+    prepare(PrepareConfig(tokenizer=str(tokenizer_dir), train=SourceConfig(limit=64), eval=SourceConfig(limit=8)),
+            WorldConfig(), 0, out)
+    return out

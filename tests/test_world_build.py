@@ -12,13 +12,6 @@ from src.errors import UserError
 from src.world.build import MICRO, apply_build_overrides, build, object_weights
 
 
-@pytest.fixture(scope="session")
-def micro_models(tmp_path_factory, tokenizer_dir):
-    out = tmp_path_factory.mktemp("models")
-    record = build(MICRO, out, tokenizer_dir)
-    return out, record
-
-
 def test_teacher_loads_with_the_stock_pipeline_and_is_sd_shaped(micro_models):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

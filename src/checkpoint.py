@@ -1,0 +1,78 @@
+"""Resumable training checkpoints: written atomically, verified before they are trusted.
+
+A checkpoint is a folder `step-000200/` holding tensors (safetensors / torch files), a
+`state.json` and a `MANIFEST.json` with the SHA-256 of every file. It is assembled in a
+temporary folder and renamed into place, so a killed writer leaves only a `.step-*.tmp`
+folder, which is ignored (and removed). A checkpoint whose files do not match its manifest
+is corrupt: loading it raises an error that names it; it is never loaded silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+from .fileio import atomic_dir
+
+MANIFEST = "MANIFEST.json"
+STATE = "state.json"
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(root: Path, step: int, state: dict[str, Any], write_files: Callable[[Path], None], keep: int = 2) -> Path:
+    """Write checkpoint `step` under `root` (files via `write_files(folder)`), then prune to `keep`."""
+    final = root / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:
+        write_files(tmp)
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(files, indent=2), encoding="utf-8")
+    for old in complete(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(root: Path) -> list[Path]:
+    """Checkpoint folders with a manifest, oldest first (partial temp folders are removed)."""
+    if not root.is_dir():
+        return []
+    for tmp in root.glob(".step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check every file against the manifest; return the state. Raise UserError naming what is wrong."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {folder} is corrupt: unreadable {MANIFEST} ({err}); delete the folder "
+                        "to resume from an earlier checkpoint or start afresh") from None
+    for name, digest in manifest.items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise UserError(f"checkpoint {folder} is corrupt: {name} is missing or does not match its checksum; "
+                            "delete the folder to resume from an earlier checkpoint or start afresh")
+    return json.loads((folder / STATE).read_text(encoding="utf-8"))
+
+
+def latest(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint, verified; None when there is none."""
+    found = complete(root)
+    if not found:
+        return None
+    return found[-1], verify(found[-1])

@@ -1,0 +1,331 @@
+"""The distill stage: SwiftBrush variational score distillation into a one-step student.
+
+    python -m src.distill                 # as the DVC stage `distill` runs it
+    python -m src.distill --dry-run       # print the resolved `distill` section (+ lr) and exit
+    accelerate launch --num_processes 2 -m src.distill   # several processes (DDP)
+
+Student = a copy of the teacher UNet, fed pure noise at t = T-1. Each step: (1) the student
+makes x0 for a batch of prompts; (2) VSDLoss moves it along (1 - abar_t)(eps_teacher -
+eps_lora) (CFG on both, see src/vsd.py); (3) LoRALoss fits the LoRA teacher to the student's
+detached samples; (4) optional EMA; (5) log / validate / checkpoint. Killed runs resume from
+the last complete checkpoint in `checkpoints/` (a DVC `persist: true` output); every random
+draw is a function of (seed, rank, step), so a resumed run continues exactly as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import Config, DistillConfig, add_config_args, dump, load_config
+from .errors import UserError, run_cli
+from .fileio import atomic_dir, write_json
+from .onestep import generate, initial_noise, student_x0
+from .prepare import derive_seed
+from .teacher import alphas_cumprod, encode_prompts, load_pipeline
+from .vsd import LoRALoss, VSDLoss
+
+
+@dataclass
+class Paths:
+    """Where the stage reads and writes (DVC deps/outs; the CLI defaults match dvc.yaml)."""
+
+    train_prompts: Path = Path("prompts/train.jsonl")
+    eval_prompts: Path = Path("prompts/eval.jsonl")
+    checkpoints: Path = Path("checkpoints")
+    student: Path = Path("models/student")
+    reports: Path = Path("reports/distill")
+
+
+class NonFiniteError(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run `dvc repro prepare` first)")
+    prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{path}: no prompts")
+    return prompts
+
+
+def read_eval_records(path: Path, n: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[:n] if line.strip()]
+
+
+def batch_indices(n_prompts: int, batch: int, step: int, rank: int, world: int, seed: int) -> list[int]:
+    """Prompt indices of one process at one step: seeded epoch permutations, sharded by rank.
+
+    A pure function of its arguments, so resuming needs no data-loader state; the global
+    batch wraps into the next epoch instead of dropping a partial tail.
+    """
+    out = []
+    start = (step * world + rank) * batch
+    for pos in range(start, start + batch):
+        epoch, i = divmod(pos, n_prompts)
+        perm = np.random.default_rng(derive_seed(seed, "epoch", epoch)).permutation(n_prompts)
+        out.append(int(perm[i]))
+    return out
+
+
+def fingerprint(cfg: DistillConfig, lr: float, seed: int) -> str:
+    """What must match for a checkpoint to be resumed (everything that changes the trajectory)."""
+    keep = cfg.model_dump(exclude={"steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every"})
+    text = json.dumps({"distill": keep, "lr": lr, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def lora_state(unet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items() if "lora_" in k}
+
+
+def save_student(out: Path, pipe, student) -> None:
+    """A complete diffusers pipeline: student UNet, the teacher's other parts, a one-step scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    # One DDIM step at t = T-1 with alpha_prev = 1 returns exactly the student's x0.
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True,
+                                          timestep_spacing="trailing")
+    one = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                  unet=student, scheduler=scheduler, safety_checker=None,
+                                  feature_extractor=None, requires_safety_checker=False)
+    with atomic_dir(out) as tmp:
+        one.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "swiftbrush.json").write_text(json.dumps(
+            {"one_step": True, "num_inference_steps": 1, "guidance_scale": 1.0,
+             "note": "call the pipeline with num_inference_steps=1, guidance_scale=1.0"}, indent=2))
+
+
+def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) -> dict:
+    """Run (or resume) the distillation; save the student pipeline; return the final metrics."""
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+    from peft import LoraConfig
+    from tqdm import tqdm
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    rank, world, device = acc.process_index, acc.num_processes, acc.device
+    prompts = read_prompts(paths.train_prompts)
+    val_records = read_eval_records(paths.eval_prompts, cfg.val_prompts)
+
+    # ---- models: frozen teacher + LoRA teacher (one UNet), trainable student copy
+    pipe = load_pipeline(cfg.teacher)
+    pipe.text_encoder.requires_grad_(False).to(device)
+    pipe.vae.requires_grad_(False).to(device)
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    abar = alphas_cumprod(pipe).to(device)
+    student = copy.deepcopy(pipe.unet).train().requires_grad_(True)
+    teacher = pipe.unet.requires_grad_(False)
+    torch.manual_seed(derive_seed(seed, "lora-init"))  # LoRA A matrices are drawn from the global RNG
+    teacher.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                   target_modules=list(cfg.lora_targets), init_lora_weights=True))
+    lora_params = [p for n, p in teacher.named_parameters() if "lora_" in n]
+    for p in lora_params:
+        p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+        teacher.enable_gradient_checkpointing()
+    opt_student = torch.optim.Adam(student.parameters(), lr=lr)
+    opt_lora = torch.optim.Adam(lora_params, lr=cfg.lora_lr)
+    ema = EMAModel(student.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
+    vsd_loss = VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction)
+    lora_loss = LoRALoss(cfg.p_uncond, prediction)
+    uncond = encode_prompts(pipe, [""], device)                                        # (1, 77, D)
+
+    # ---- resume
+    start, live_step, fp = 0, 0, fingerprint(cfg, lr, seed)
+    found = checkpoint.latest(paths.checkpoints)
+    if found and found[1].get("fingerprint") != fp:
+        acc.print(f"checkpoints in {paths.checkpoints} belong to other settings; starting afresh")
+        if acc.is_main_process:
+            shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        found = None
+    if found:
+        folder, state = found
+        student.load_state_dict(torch.load(folder / "student.pt", map_location="cpu", weights_only=True))
+        teacher.load_state_dict(torch.load(folder / "lora.pt", map_location="cpu", weights_only=True), strict=False)
+        opt_student.load_state_dict(torch.load(folder / "opt_student.pt", weights_only=True))
+        opt_lora.load_state_dict(torch.load(folder / "opt_lora.pt", weights_only=True))
+        if ema is not None:
+            ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+        start, live_step = state["step"], state["live_step"]
+        acc.print(f"resuming from {folder} (step {start})")
+    student, opt_student, teacher, opt_lora = acc.prepare(student, opt_student, teacher, opt_lora)
+    if ema is not None:
+        ema.to(device)
+
+    live = _open_live(paths.reports, resume=found is not None, step=live_step) if acc.is_main_process else None
+    shape = (acc.unwrap_model(student).config.in_channels,) + (acc.unwrap_model(student).config.sample_size,) * 2
+    nonfinite = {"student": 0, "lora": 0}
+    skipped = 0
+    history: list[dict] = []
+    t_log, samples_seen = time.perf_counter(), 0
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", disable=not acc.is_main_process,
+               mininterval=2)
+    for step in bar:
+        gen = torch.Generator().manual_seed(derive_seed(seed, "distill", rank, step))
+        idx = batch_indices(len(prompts), cfg.batch_size, step, rank, world, seed)
+        cond = encode_prompts(pipe, [prompts[i] for i in idx], device)                 # (B, 77, D)
+        z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], shape).to(device)
+
+        # 1-2. student update: VSD gradient through x0 = f(student(z, T-1, c))
+        with acc.autocast():
+            x0 = student_x0(student, z, cond, abar, prediction)                         # (B, 4, h, w)
+            loss_vsd, stats = vsd_loss(teacher, x0, cond, uncond, abar, gen)
+        acc.backward(loss_vsd)
+        gnorm_s = acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        ok_s = _finite(loss_vsd, gnorm_s)
+        _step_or_skip(opt_student, ok_s)
+
+        # 3. LoRA-teacher update on the detached student samples
+        with acc.autocast():
+            loss_lora, lstats = lora_loss(teacher, x0.detach(), cond, uncond, abar, gen)
+        acc.backward(loss_lora)
+        gnorm_l = acc.clip_grad_norm_(lora_params, cfg.grad_clip)
+        ok_l = _finite(loss_lora, gnorm_l)
+        _step_or_skip(opt_lora, ok_l)
+
+        for name, ok in (("student", ok_s), ("lora", ok_l)):
+            nonfinite[name] = 0 if ok else nonfinite[name] + 1
+            skipped += not ok
+            if nonfinite[name] >= cfg.max_nonfinite:
+                raise NonFiniteError(f"distill: {cfg.max_nonfinite} consecutive non-finite {name} steps at step "
+                                     f"{step} (loss or gradient NaN/inf); lower `lr`/`distill.lora_lr` or use "
+                                     "mixed_precision: bf16 instead of fp16")
+        if ema is not None and ok_s:
+            ema.step(student.parameters())
+        samples_seen += cfg.batch_size * world
+        done = step + 1
+
+        # 4. log / validate / checkpoint
+        if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
+            dt = time.perf_counter() - t_log
+            row = {"loss_vsd": loss_vsd.item(), "loss_lora": loss_lora.item(), "grad_norm_student": float(gnorm_s),
+                   "grad_norm_lora": float(gnorm_l), "vsd_grad_norm": float(stats["vsd_grad_norm"]), "lr": lr,
+                   "lora_lr": cfg.lora_lr, "steps_per_s": cfg.log_every / dt if dt else 0.0,
+                   "samples_per_s": samples_seen / dt if dt else 0.0, "skipped_steps": skipped}
+            t_log, samples_seen = time.perf_counter(), 0
+            for k, v in row.items():
+                live.log_metric(f"train/{k}", v)
+            bar.set_postfix(vsd=f"{row['loss_vsd']:.2e}", lora=f"{row['loss_lora']:.3f}", refresh=False)
+        if acc.is_main_process and val_records and (done % cfg.val_every == 0 or done == cfg.steps):
+            val = validate(pipe, acc.unwrap_model(student), val_records, abar)
+            history.append({"step": done, **val})
+            for k, v in val.items():
+                live.log_metric(f"val/{k}", v)
+        if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
+            live.next_step()
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                _save_checkpoint(paths.checkpoints, done, fp, live.step, cfg.keep_checkpoints,
+                                 acc.unwrap_model(student), acc.unwrap_model(teacher), opt_student, opt_lora, ema)
+
+    # ---- output
+    acc.wait_for_everyone()
+    digest = check_ranks_in_sync(acc, acc.unwrap_model(student))
+    result: dict = {"steps": cfg.steps, "skipped_steps": skipped, "validation": history, "student_digest": digest}
+    if acc.is_main_process:
+        final = copy.deepcopy(acc.unwrap_model(student)).eval()
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        if val_records:
+            result["final"] = validate(pipe, final, val_records, abar)
+        save_student(paths.student, pipe, final)
+        write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
+                   | {"val_curve": history})
+        live.end()
+    return result
+
+
+def check_ranks_in_sync(acc, model) -> float:
+    """A checksum of the student's weights, compared across processes (DDP must keep them equal)."""
+    with torch.no_grad():
+        digest = torch.stack([p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())]).sum()
+    print(f"rank {acc.process_index}: student digest {digest.item():.17g}", flush=True)
+    if acc.num_processes > 1:
+        every = acc.gather(digest.to(acc.device).reshape(1))
+        if not torch.all(every == every[0]):
+            raise RuntimeError(f"distill: ranks hold different student weights after training: {every.tolist()}")
+    return float(digest)
+
+
+def _finite(loss: torch.Tensor, grad_norm) -> bool:
+    return bool(torch.isfinite(loss).item()) and bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
+
+
+def _step_or_skip(opt, ok: bool) -> None:
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _open_live(reports: Path, resume: bool, step: int):
+    from dvclive import Live
+
+    live = Live(dir=str(reports / "live"), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+    if resume:
+        live.step = step
+    return live
+
+
+def _save_checkpoint(root: Path, step: int, fp: str, live_step: int, keep: int, student, teacher,
+                     opt_student, opt_lora, ema) -> None:
+    def write(folder: Path) -> None:
+        torch.save(student.state_dict(), folder / "student.pt")
+        torch.save(lora_state(teacher), folder / "lora.pt")
+        torch.save(opt_student.state_dict(), folder / "opt_student.pt")
+        torch.save(opt_lora.state_dict(), folder / "opt_lora.pt")
+        if ema is not None:
+            torch.save(ema.state_dict(), folder / "ema.pt")
+
+    checkpoint.save(root, step, {"fingerprint": fp, "live_step": live_step}, write, keep)
+
+
+@torch.no_grad()
+def validate(pipe, student, records: list[dict], abar: torch.Tensor) -> dict[str, float]:
+    """One-step samples for fixed eval prompts; judge accuracy when the prompts carry attributes."""
+    from .world import accuracy, read_scene, score
+
+    was_training = student.training
+    student.eval()
+    images = generate(pipe, student, [r["prompt"] for r in records], [r["seed"] for r in records], abar,
+                      device=next(student.parameters()).device)
+    student.train(was_training)
+    out = {"mean_pixel_std": float(images.reshape(len(images), -1).std(axis=1).mean() / 255)}
+    if all("attributes" in r for r in records):
+        acc = accuracy(score(read_scene(im), r["attributes"]) for im, r in zip(images, records))
+        out.update({f"attribute_accuracy{'' if k == 'all' else '_' + k}": v for k, v in acc.items()})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    config: Config = load_config(args.params, args.overrides)
+    if args.dry_run:
+        print(f"lr: {config.lr}\n" + dump(config.distill), end="")
+        return
+    result = distill(config.distill, config.lr, config.seed)
+    if "final" in result:
+        print(f"distill: {result['steps']} steps; one-step validation {json.dumps(result['final'])}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,67 @@
+"""Loading a Stable-Diffusion-style teacher, with one clear error for anything else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .vsd import SUPPORTED_PREDICTIONS
+
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_folder(path: Path) -> None:
+    """Raise UserError unless `path` holds a diffusers SD pipeline (model_index.json + components)."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"teacher {path}: not a diffusers pipeline folder (no model_index.json); expected a "
+                        "StableDiffusionPipeline.save_pretrained folder such as stable-diffusion-2-1-base")
+    try:
+        spec = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"teacher {index}: not valid JSON ({err})") from None
+    missing = [c for c in REQUIRED if not spec.get(c) or spec[c][0] is None or not (path / c).is_dir()]
+    if missing:
+        raise UserError(f"teacher {path}: not a Stable Diffusion pipeline: missing {', '.join(missing)} "
+                        f"(needs {', '.join(REQUIRED)})")
+    if spec.get("unet", [None, None])[1] != "UNet2DConditionModel":
+        raise UserError(f"teacher {path}: unet is {spec['unet'][1]}, expected UNet2DConditionModel")
+
+
+def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32, local_only: bool = True):
+    """A StableDiffusionPipeline from a local folder, or a hub id already in the local cache."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(teacher)
+    if path.exists():
+        check_pipeline_folder(path)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(teacher, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=local_only)
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = "folder" if path.exists() else "hub id (not a local folder, and not in the local Hugging Face cache)"
+        raise UserError(f"teacher {teacher!r}: could not load it as a {where}: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in SUPPORTED_PREDICTIONS:
+        raise UserError(f"teacher {teacher!r}: scheduler prediction_type {prediction!r} is not supported "
+                        f"(supported: {', '.join(SUPPORTED_PREDICTIONS)})")
+    return pipe
+
+
+def alphas_cumprod(pipe) -> torch.Tensor:
+    """The teacher's cumulative alphas, from its own scheduler config (never a pasted constant)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.float()
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Text embeddings exactly as StableDiffusionPipeline computes them (padded to model length)."""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    return pipe.text_encoder(ids)[0]

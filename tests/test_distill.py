@@ -1,0 +1,166 @@
+"""The distill stage on the micro teacher: output pipeline, resume after a real kill, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from src import checkpoint
+from src.config import DistillConfig
+from src.distill import NonFiniteError, Paths, batch_indices, distill
+from src.errors import UserError
+
+FAST = dict(steps=4, batch_size=2, lora_rank=4, lora_alpha=8, checkpoint_every=2, log_every=1, val_every=2,
+            val_prompts=4)
+
+
+def _paths(tmp: Path, prompts: Path) -> Paths:
+    return Paths(train_prompts=prompts / "train.jsonl", eval_prompts=prompts / "eval.jsonl",
+                 checkpoints=tmp / "checkpoints", student=tmp / "student", reports=tmp / "reports")
+
+
+def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tmp_path, micro_models, world_prompts):
+    from diffusers import StableDiffusionPipeline
+
+    from src.onestep import generate
+    from src.teacher import alphas_cumprod, load_pipeline
+
+    models, _ = micro_models
+    paths = _paths(tmp_path, world_prompts)
+    result = distill(DistillConfig(teacher=str(models / "teacher"), **FAST), lr=1e-4, seed=0, paths=paths)
+    assert result["skipped_steps"] == 0 and "attribute_accuracy" in result["final"]
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    assert [row["step"] for row in metrics["val_curve"]] == [2, 4]
+    assert (paths.reports / "live" / "metrics.json").is_file()  # DVCLive summary
+    assert (paths.reports / "live" / "plots" / "metrics" / "train" / "loss_vsd.tsv").is_file()
+
+    pipe = StableDiffusionPipeline.from_pretrained(paths.student, dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = ["a red circle in the center on a blue background", "a big white box at the top"], [3, 4]
+    via_pipeline = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, output_type="np",
+                        generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    teacher = load_pipeline(str(models / "teacher"))
+    ours = generate(teacher, pipe.unet, prompts, seeds, alphas_cumprod(teacher))
+    assert np.abs(via_pipeline * 255 - ours.astype(np.float32)).max() <= 1.0  # same image (uint8 rounding)
+    # The student moved away from the teacher.
+    diff = sum((a - b).abs().sum() for a, b in zip(pipe.unet.parameters(), teacher.unet.parameters()))
+    assert diff > 0
+
+
+def test_batches_are_sharded_and_wrap_without_dropping_a_tail():
+    n = 10
+    one = [batch_indices(n, 4, s, 0, 1, seed=0) for s in range(5)]          # 20 draws = 2 epochs
+    assert sorted(sum(one[:2], []) + one[2][:2]) == list(range(n))       # epoch 0 is a permutation
+    two = [batch_indices(n, 2, 0, r, 2, seed=0) for r in range(2)]
+    assert two[0] + two[1] == one[0]                                      # ranks split the global batch
+
+
+def _run_cli(cwd: Path, *, steps: int, kill_after_checkpoint: int | None = None) -> subprocess.CompletedProcess | None:
+    cmd = [sys.executable, "-m", "src.distill", "--params", str(cwd / "params.yaml"), "--set", f"distill.steps={steps}"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TQDM_DISABLE": "1"}
+    if kill_after_checkpoint is None:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = cwd / "checkpoints" / f"step-{kill_after_checkpoint:06d}" / checkpoint.MANIFEST
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def _workspace(tmp: Path, models: Path, prompts: Path) -> Path:
+    tmp.mkdir()
+    shutil.copytree(prompts, tmp / "prompts")
+    params = {"seed": 0, "lr": 1e-4, "distill": {**FAST, "teacher": str(models / "teacher"), "val_every": 100}}
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, micro_models, world_prompts):
+    from safetensors.torch import load_file
+
+    models, _ = micro_models
+    a = _workspace(tmp_path / "a", models, world_prompts)
+    b = _workspace(tmp_path / "b", models, world_prompts)
+    run = _run_cli(a, steps=6)
+    assert run.returncode == 0, run.stderr
+    _run_cli(b, steps=6, kill_after_checkpoint=2)                      # SIGKILL mid-run
+    assert not (b / "models" / "student").exists()                       # nothing half-written
+    resumed = _run_cli(b, steps=6)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    wa = load_file(a / "models/student/unet/diffusion_pytorch_model.safetensors")
+    wb = load_file(b / "models/student/unet/diffusion_pytorch_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_corrupt_checkpoint_is_reported_not_loaded(tmp_path, micro_models, world_prompts):
+    models, _ = micro_models
+    paths = _paths(tmp_path, world_prompts)
+    cfg = DistillConfig(teacher=str(models / "teacher"), **{**FAST, "steps": 2})
+    distill(cfg, lr=1e-4, seed=0, paths=paths)
+    ckpt = paths.checkpoints / "step-000002" / "student.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"checkpoint .*step-000002 is corrupt: student.pt"):
+        distill(cfg.model_copy(update={"steps": 4}), lr=1e-4, seed=0, paths=paths)
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, micro_models, world_prompts, capsys):
+    models, _ = micro_models
+    paths = _paths(tmp_path, world_prompts)
+    cfg = DistillConfig(teacher=str(models / "teacher"), **{**FAST, "steps": 2})
+    distill(cfg, lr=1e-4, seed=0, paths=paths)
+    distill(cfg, lr=2e-4, seed=0, paths=paths)  # `dvc exp run -S lr=...` must not continue the old run
+    assert "belong to other settings; starting afresh" in capsys.readouterr().out
+
+
+def test_non_finite_steps_stop_the_run_with_a_clear_error(tmp_path, micro_models, world_prompts):
+    from safetensors.torch import load_file, save_file
+
+    models, _ = micro_models
+    broken = tmp_path / "teacher"
+    shutil.copytree(models / "teacher", broken)
+    f = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(f)
+    weights["conv_out.bias"] = torch.full_like(weights["conv_out.bias"], float("nan"))
+    save_file(weights, f)
+    cfg = DistillConfig(teacher=str(broken), **{**FAST, "max_nonfinite": 2})
+    with pytest.raises(NonFiniteError, match="2 consecutive non-finite"):
+        distill(cfg, lr=1e-4, seed=0, paths=_paths(tmp_path, world_prompts))
+
+
+def test_teacher_folder_errors(tmp_path, micro_models):
+    from src.teacher import load_pipeline
+
+    with pytest.raises(UserError, match="no model_index.json"):
+        load_pipeline(str(tmp_path))
+    partial = tmp_path / "partial"
+    (partial / "vae").mkdir(parents=True)
+    (partial / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                          "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(UserError, match="missing unet, text_encoder, tokenizer, scheduler"):
+        load_pipeline(str(partial))
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        load_pipeline("someone/not-a-cached-model")
+    models, _ = micro_models
+    sample = tmp_path / "sample"
+    shutil.copytree(models / "teacher", sample)
+    sched = sample / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(UserError, match="prediction_type 'sample' is not supported"):
+        load_pipeline(str(sample))
