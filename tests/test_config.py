@@ -100,3 +100,12 @@ def test_dry_run_prints_the_resolved_section(repo):
                          cwd=repo, capture_output=True, text=True, check=True)
     printed = yaml.safe_load(run.stdout)
     assert printed["eval"]["limit"] == 9 and printed["max_tokens"] == 77
+
+
+def test_sd21_recipe_validates_against_the_schema(repo):
+    cfg = load_config(repo / "recipes" / "sd21-base.yaml")
+    assert cfg.lr == pytest.approx(1e-6)
+    d = cfg.distill
+    assert (d.batch_size, d.lora_lr, d.lora_rank, d.lora_alpha, d.guidance_scale) == (16, 1e-3, 64, 108, 4.5)
+    assert (d.t_min, d.t_max, d.p_uncond, d.mixed_precision, d.gradient_checkpointing) == (20, 980, 0.1, "bf16", True)
+    assert cfg.prepare.eval.source == "coco" and cfg.prepare.eval.limit == 30000

@@ -164,3 +164,19 @@ def test_teacher_folder_errors(tmp_path, micro_models):
     sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "sample"}))
     with pytest.raises(UserError, match="prediction_type 'sample' is not supported"):
         load_pipeline(str(sample))
+
+
+def test_two_processes_keep_identical_student_weights(tmp_path, micro_models, world_prompts):
+    """DDP over gloo on 2 CPU processes (torchrun + ACCELERATE_USE_CPU): ranks end in sync."""
+    models, _ = micro_models
+    ws = _workspace(tmp_path / "ddp", models, world_prompts)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TQDM_DISABLE": "1",
+           "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "src.distill", "--params", str(ws / "params.yaml"), "--set", "distill.steps=3"]
+    run = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    digests = dict(line.split(": student digest ") for line in run.stdout.splitlines() if "student digest" in line)
+    assert set(digests) == {"rank 0", "rank 1"}, run.stdout
+    assert digests["rank 0"] == digests["rank 1"]
+    assert (ws / "models" / "student" / "model_index.json").is_file()
