@@ -169,6 +169,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     if ema is not None:
         ema.to(device)
 
+    t_start, steps_run = time.perf_counter(), cfg.steps - start
     live = _open_live(paths.reports, resume=found is not None, step=live_step) if acc.is_main_process else None
     shape = (acc.unwrap_model(student).config.in_channels,) + (acc.unwrap_model(student).config.sample_size,) * 2
     nonfinite = {"student": 0, "lora": 0}
@@ -239,7 +240,11 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     # ---- output
     acc.wait_for_everyone()
     digest = check_ranks_in_sync(acc, acc.unwrap_model(student))
-    result: dict = {"steps": cfg.steps, "skipped_steps": skipped, "validation": history, "student_digest": digest}
+    wall = time.perf_counter() - t_start
+    result: dict = {"steps": cfg.steps, "skipped_steps": skipped, "validation": history, "student_digest": digest,
+                    "wall_s": round(wall, 1), "steps_per_s": round(steps_run / wall, 3) if wall else None,
+                    "samples_per_s": round(steps_run * cfg.batch_size * world / wall, 2) if wall else None,
+                    "peak_memory_mb": _peak_memory_mb(device), "processes": world}
     if acc.is_main_process:
         final = copy.deepcopy(acc.unwrap_model(student)).eval()
         if ema is not None:
@@ -263,6 +268,15 @@ def check_ranks_in_sync(acc, model) -> float:
         if not torch.all(every == every[0]):
             raise RuntimeError(f"distill: ranks hold different student weights after training: {every.tolist()}")
     return float(digest)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPU, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _finite(loss: torch.Tensor, grad_norm) -> bool:

@@ -161,11 +161,7 @@ def train_clip(spec: ClipSpec, data: SceneSet, tokenizer, resolution: int, desc:
         idx = rng.sample(range(len(data.scenes)), spec.batch)
         ids = tokenize(tokenizer, [caption(data.scenes[i], rng) for i in idx])
         loss = model(input_ids=ids, pixel_values=pixels[idx], return_loss=True).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, model.parameters())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return model.eval()
 
@@ -219,11 +215,7 @@ def train_vae(cfg: BuildConfig, data: SceneSet):
         rec = vae.decode(post.sample(generator=gen)).sample
         w = object_weights(x, cfg.vae_object_weight)
         loss = ((rec - x).abs() * w).mean() + ((rec - x).pow(2) * w).mean() + cfg.vae_kl * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, vae.parameters())
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return vae.eval()
 
@@ -288,11 +280,7 @@ def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_enc
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
         pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, unet.parameters())
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         step = i + 1
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.unet_steps):
@@ -316,6 +304,15 @@ def validate(pipe, val: SceneSet, seed: int, steps: int = 10, cfg: float = 4.5) 
 
 
 # --------------------------------------------------------------------------- assembly
+
+
+def _update(loss: torch.Tensor, opt, sched, params, max_norm: float = 1.0) -> None:
+    """One optimiser step with gradient clipping and a scheduler step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    sched.step()
 
 
 def _warmup_cosine(opt, steps: int, warmup: float = 0.05):
