@@ -113,6 +113,18 @@ class DistillConfig(Section):
         return self
 
 
+class EvaluateConfig(Section):
+    """The evaluate stage (DESIGN.md section 6)."""
+
+    mode: Literal["world"] = Field("world", description="world (embedded evaluator + judge)")
+    evaluator: str = Field("models/evaluator", description="CLIPModel folder for FID features and CLIP score")
+    limit: int | None = Field(None, ge=2, description="first N eval prompts (null: all)")
+    teacher_steps: int = Field(25, ge=1, le=1000, description="teacher sampling steps (paper table: 25)")
+    guidance_scale: float = Field(4.5, ge=1.0, le=50.0, description="teacher CFG (paper: 4.5)")
+    batch_size: int = Field(64, ge=1, le=4096, description="images per generation batch")
+    grid_rows: int = Field(12, ge=1, le=200, description="prompts shown in the sample grid")
+
+
 class Config(Section):
     """The whole params.yaml."""
 
@@ -121,6 +133,7 @@ class Config(Section):
     world: WorldConfig = WorldConfig()
     prepare: PrepareConfig = PrepareConfig()
     distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
