@@ -262,7 +262,8 @@ def check_ranks_in_sync(acc, model) -> float:
     """A checksum of the student's weights, compared across processes (DDP must keep them equal)."""
     with torch.no_grad():
         digest = torch.stack([p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())]).sum()
-    print(f"rank {acc.process_index}: student digest {digest.item():.17g}", flush=True)
+    # One write per line, so that the ranks' lines do not interleave mid-line.
+    print(f"rank {acc.process_index}: student digest {digest.item():.17g}\n", end="", flush=True)
     if acc.num_processes > 1:
         every = acc.gather(digest.to(acc.device).reshape(1))
         if not torch.all(every == every[0]):
