@@ -32,7 +32,7 @@ from .config import Config, DistillConfig, add_config_args, dump, load_config
 from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
 from .onestep import generate, initial_noise, student_x0
-from .prepare import derive_seed
+from .prepare import derive_seed, read_prepared
 from .teacher import alphas_cumprod, encode_prompts, load_pipeline
 from .vsd import LoRALoss, VSDLoss
 
@@ -50,22 +50,6 @@ class Paths:
 
 class NonFiniteError(UserError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{path}: not found (run `dvc repro prepare` first)")
-    prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"{path}: no prompts")
-    return prompts
-
-
-def read_eval_records(path: Path, n: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines[:n] if line.strip()]
 
 
 def batch_indices(n_prompts: int, batch: int, step: int, rank: int, world: int, seed: int) -> list[int]:
@@ -120,8 +104,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
-    prompts = read_prompts(paths.train_prompts)
-    val_records = read_eval_records(paths.eval_prompts, cfg.val_prompts)
+    prompts = [r["prompt"] for r in read_prepared(paths.train_prompts)]
+    val_records = read_prepared(paths.eval_prompts, cfg.val_prompts) if paths.eval_prompts.is_file() else []
 
     # ---- models: frozen teacher + LoRA teacher (one UNet), trainable student copy
     pipe = load_pipeline(cfg.teacher)

@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from tqdm import tqdm
 from .config import Config, EvaluateConfig, add_config_args, dump, load_config
 from .errors import UserError, run_cli
 from .fileio import atomic_file, write_json
+from .figures import sample_grid
+from .prepare import read_prepared
 
 
 @dataclass
@@ -44,15 +45,6 @@ class Paths:
 
 
 Generator = Callable[[list[str], list[int]], np.ndarray]  # prompts, seeds -> uint8 (N, H, W, 3)
-
-
-def read_records(path: Path, limit: int | None) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"{path}: not found (run `dvc repro prepare` first)")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not records:
-        raise UserError(f"{path}: no eval prompts")
-    return records[:limit] if limit else records
 
 
 def image_path(folder: Path, record: dict) -> Path:
@@ -169,7 +161,7 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     """Generate (or reuse) every generator's images, compute the metrics, write the reports."""
     from transformers import CLIPModel, CLIPProcessor
 
-    records = read_records(paths.eval_prompts, cfg.limit)
+    records = read_prepared(paths.eval_prompts, cfg.limit)
     if cfg.mode == "world" and not all("scene" in r for r in records):
         raise UserError(f"{paths.eval_prompts}: world mode needs world eval prompts (prepare.eval.source: world)")
     evaluator_dir = Path(cfg.evaluator)
@@ -218,24 +210,6 @@ def _render_references(folder: Path, records: list[dict], resolution: int, finge
     by_seed = {int(r["seed"]): r for r in records}
     fill_folder(folder, records, lambda prompts, seeds: np.stack(
         [render(Scene(**by_seed[s]["scene"]), resolution, seed=s) for s in seeds]), 256, "reference", fingerprint)
-
-
-def sample_grid(columns: dict[str, np.ndarray], prompts: list[str], scale: int = 4) -> Image.Image:
-    """Prompt text, then one upscaled image per generator, a row per prompt (header row on top)."""
-    from PIL import ImageDraw
-
-    n, h, _, _ = next(iter(columns.values())).shape
-    cell, text_w, head = h * scale, 330, 18
-    grid = Image.new("RGB", (text_w + cell * len(columns), head + cell * n), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, name in enumerate(columns):
-        draw.text((text_w + j * cell + 4, 3), name, fill="black")
-    for i, prompt in enumerate(prompts):
-        y = head + i * cell
-        draw.multiline_text((4, y + 4), textwrap.fill(prompt, 52), fill="black")
-        for j, imgs in enumerate(columns.values()):
-            grid.paste(Image.fromarray(imgs[i]).resize((cell, cell), Image.Resampling.NEAREST), (text_w + j * cell, y))
-    return grid
 
 
 def report(metrics: dict, n: int, cfg: EvaluateConfig, timings: dict[str, float]) -> str:

@@ -372,6 +372,16 @@ def prepare(cfg: PrepareConfig, world: WorldConfig, seed: int, out_dir: Path,
     return results
 
 
+def read_prepared(path: Path, limit: int | None = None) -> list[dict]:
+    """Records of a prepared prompts file (this stage's output), the first `limit` if given."""
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run `dvc repro prepare` first)")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        raise UserError(f"{path}: no prompts")
+    return records[:limit] if limit else records
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)

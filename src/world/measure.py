@@ -14,17 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..errors import UserError, run_cli
 from ..fileio import atomic_file, write_json
+from ..figures import sample_grid
+from ..prepare import read_prepared
 from .build import encode_latents, retrieval_accuracy, to_uint8, to_unit
 from .judge import accuracy, read_scene, score
 from .render import render
@@ -33,13 +33,11 @@ from .scene import Scene
 
 def load_eval_prompts(path: Path, limit: int | None = None) -> list[dict]:
     """World eval records (prompt, seed, attributes, scene) from prepare's JSONL."""
-    if not path.is_file():
-        raise UserError(f"{path}: not found (run `dvc repro prepare` first)")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not records or "scene" not in records[0]:
+    records = read_prepared(path, limit)
+    if "scene" not in records[0]:
         raise UserError(f"{path}: not world eval prompts (records need 'scene' and 'attributes'; "
                         "set prepare.eval.source: world)")
-    return records[:limit] if limit else records
+    return records
 
 
 def load_teacher(path: Path, dtype: torch.dtype = torch.float32):
@@ -70,23 +68,6 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, cfg: float,
 
 def judge_all(images: np.ndarray, attributes: list[dict]) -> dict[str, float]:
     return accuracy(score(read_scene(im), a) for im, a in zip(images, attributes))
-
-
-def sample_grid(columns: dict[str, np.ndarray], prompts: list[str], scale: int = 4) -> Image.Image:
-    """Rows of prompt text followed by one upscaled image per column, with a header row."""
-    n, h, w, _ = next(iter(columns.values())).shape
-    cell, text_w, head = h * scale, 330, 18
-    grid = Image.new("RGB", (text_w + cell * len(columns), head + cell * n), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, name in enumerate(columns):
-        draw.text((text_w + j * cell + 4, 3), name, fill="black")
-    for i, prompt in enumerate(prompts):
-        y = head + i * cell
-        draw.multiline_text((4, y + 4), textwrap.fill(prompt, 52), fill="black")
-        for j, imgs in enumerate(columns.values()):
-            grid.paste(Image.fromarray(imgs[i]).resize((cell, cell), Image.Resampling.NEAREST),
-                       (text_w + j * cell, y))
-    return grid
 
 
 def measure(teacher_dir: Path, evaluator_dir: Path, prompts_path: Path, out_dir: Path,
