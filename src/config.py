@@ -113,16 +113,34 @@ class DistillConfig(Section):
         return self
 
 
+class CocoEvalConfig(Section):
+    """COCO-30K inputs (DESIGN.md section 6): local paths, never downloaded."""
+
+    images: str | None = Field(None, description="MS-COCO val2014 image folder (the FID reference: every image)")
+    inception: str | None = Field(None, description="clean-fid's inception-2015-12-05.pt weights file")
+    clip: str | None = Field(None, description="transformers CLIPModel folder, or open_clip:<arch>:<weights file> "
+                                               "(SwiftBrush v2: open_clip:ViT-g-14:<laion2b_s12b_b42k weights>)")
+
+
 class EvaluateConfig(Section):
     """The evaluate stage (DESIGN.md section 6)."""
 
-    mode: Literal["world"] = Field("world", description="world (embedded evaluator + judge)")
+    mode: Literal["world", "coco"] = Field("world", description="world (embedded evaluator + judge) or coco (COCO-30K)")
+    coco: CocoEvalConfig = CocoEvalConfig()
     evaluator: str = Field("models/evaluator", description="CLIPModel folder for FID features and CLIP score")
     limit: int | None = Field(None, ge=2, description="first N eval prompts (null: all)")
     teacher_steps: int = Field(25, ge=1, le=1000, description="teacher sampling steps (paper table: 25)")
     guidance_scale: float = Field(4.5, ge=1.0, le=50.0, description="teacher CFG (paper: 4.5)")
     batch_size: int = Field(64, ge=1, le=4096, description="images per generation batch")
     grid_rows: int = Field(12, ge=1, le=200, description="prompts shown in the sample grid")
+
+    @model_validator(mode="after")
+    def _check_coco(self) -> "EvaluateConfig":
+        if self.mode == "coco":
+            unset = [f"coco.{k}" for k in ("images", "inception", "clip") if not getattr(self.coco, k)]
+            if unset:
+                raise ValueError(f"mode 'coco' needs {', '.join(unset)} (local paths; see recipes/coco30k.yaml)")
+        return self
 
 
 class Config(Section):

@@ -209,7 +209,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                 live.log_metric(f"train/{k}", v)
             bar.set_postfix(vsd=f"{row['loss_vsd']:.2e}", lora=f"{row['loss_lora']:.3f}", refresh=False)
         if acc.is_main_process and val_records and (done % cfg.val_every == 0 or done == cfg.steps):
-            val = validate(pipe, acc.unwrap_model(student), val_records, abar)
+            val = validate(pipe, shipped(acc.unwrap_model(student), ema), val_records, abar)
             history.append({"step": done, **val})
             for k, v in val.items():
                 live.log_metric(f"val/{k}", v)
@@ -230,9 +230,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                     "samples_per_s": round(steps_run * cfg.batch_size * world / wall, 2) if wall else None,
                     "peak_memory_mb": _peak_memory_mb(device), "processes": world}
     if acc.is_main_process:
-        final = copy.deepcopy(acc.unwrap_model(student)).eval()
-        if ema is not None:
-            ema.copy_to(final.parameters())
+        final = shipped(acc.unwrap_model(student), ema).eval()
         if val_records:
             result["final"] = validate(pipe, final, val_records, abar)
         save_student(paths.student, pipe, final)
@@ -240,6 +238,15 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                    | {"val_curve": history})
         live.end()
     return result
+
+
+def shipped(student, ema):
+    """The weights that are saved: the EMA average when enabled (validated too), else the student itself."""
+    if ema is None:
+        return student
+    model = copy.deepcopy(student)
+    ema.copy_to(model.parameters())
+    return model
 
 
 def check_ranks_in_sync(acc, model) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +33,8 @@ from .config import Config, EvaluateConfig, add_config_args, dump, load_config
 from .errors import UserError, run_cli
 from .fileio import atomic_file, write_json
 from .figures import sample_grid
+from .metrics import (COCO_SIZE, center_crop_resize, clip_paths, clip_score, file_listing_key, folder_stats,
+                      frechet, judge, load_clip, load_inception, world_fid)
 from .prepare import read_prepared
 
 
@@ -66,7 +68,7 @@ def tree_digest(*items: object) -> str:
 
 
 def fill_folder(folder: Path, records: list[dict], generate: Generator, batch_size: int, desc: str,
-                fingerprint: str) -> None:
+                fingerprint: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
     """Generate the images that are not in `folder` yet, each written atomically.
 
     The folder remembers what made it (`fingerprint`: models, settings, prompts): a rerun with
@@ -82,6 +84,7 @@ def fill_folder(folder: Path, records: list[dict], generate: Generator, batch_si
         chunk = todo[i:i + batch_size]
         images = generate([r["prompt"] for r in chunk], [int(r["seed"]) for r in chunk])
         for r, img in zip(chunk, images):
+            img = transform(img) if transform is not None else img
             with atomic_file(image_path(folder, r), "wb") as f:
                 Image.fromarray(img).save(f, format="PNG")
 
@@ -90,46 +93,11 @@ def load_folder(folder: Path, records: list[dict]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(image_path(folder, r)).convert("RGB")) for r in records])
 
 
-class EvaluatorFeatures(torch.nn.Module):
-    """clean-fid feature extractor: evaluator CLIP image embeddings of [0, 255] float batches."""
-
-    def __init__(self, clip):
-        super().__init__()
-        self.clip = clip
-
-    @torch.no_grad()
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        pixels = batch.float() / 127.5 - 1.0  # the evaluator's input range (mean 0.5, std 0.5)
-        return self.clip.get_image_features(pixel_values=pixels).pooler_output
-
-
-def world_fid(gen_dir: Path, ref_dir: Path, clip, batch_size: int = 128) -> float:
-    """FID in the evaluator's feature space (clean-fid; images stay at the world resolution)."""
-    from cleanfid import fid
-
-    return float(fid.compute_fid(str(gen_dir), str(ref_dir), mode="clean", custom_feat_extractor=EvaluatorFeatures(clip),
-                                 custom_fn_resize=lambda x: x, device=torch.device("cpu"), num_workers=0,
-                                 batch_size=batch_size, verbose=False))
-
-
-@torch.no_grad()
-def clip_score(clip, processor, images: np.ndarray, prompts: list[str], batch_size: int = 256) -> float:
-    """Mean cosine similarity between each image and its own prompt."""
-    sims = []
-    for i in range(0, len(prompts), batch_size):
-        inputs = processor(text=prompts[i:i + batch_size], images=list(images[i:i + batch_size]),
-                           return_tensors="pt", padding="max_length", truncation=True)
-        img = clip.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        txt = clip.get_text_features(input_ids=inputs["input_ids"]).pooler_output
-        sims.append(torch.nn.functional.cosine_similarity(img, txt).numpy())
-    return float(np.concatenate(sims).mean())
-
-
-def judge(images: np.ndarray, records: list[dict]) -> dict[str, float]:
-    from .world import accuracy, read_scene, score
-
-    acc = accuracy(score(read_scene(im), r["attributes"]) for im, r in zip(images, records))
-    return {("attribute_accuracy" if k == "all" else f"attribute_accuracy_{k}"): v for k, v in acc.items()}
+def image_batches(folder: Path, records: list[dict], batch_size: int):
+    """(images, prompts) in batches, read lazily (30,000 images do not fit in memory at once)."""
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        yield list(load_folder(folder, chunk)), [r["prompt"] for r in chunk]
 
 
 def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, batch_size: int) -> dict[str, Generator]:
@@ -159,48 +127,94 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
 
 def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> dict:
     """Generate (or reuse) every generator's images, compute the metrics, write the reports."""
-    from transformers import CLIPModel, CLIPProcessor
-
+    if cfg.mode == "coco":
+        check_coco_inputs(cfg, paths)
     records = read_prepared(paths.eval_prompts, cfg.limit)
     if cfg.mode == "world" and not all("scene" in r for r in records):
         raise UserError(f"{paths.eval_prompts}: world mode needs world eval prompts (prepare.eval.source: world)")
-    evaluator_dir = Path(cfg.evaluator)
-    if not (evaluator_dir / "config.json").is_file():
-        raise UserError(f"evaluate.evaluator: {evaluator_dir} is not a CLIPModel folder")
-    clip = CLIPModel.from_pretrained(evaluator_dir, dtype=torch.float32).eval()
-    processor = CLIPProcessor.from_pretrained(evaluator_dir)
+    if cfg.mode == "coco" and not all("image_id" in r for r in records):
+        raise UserError(f"{paths.eval_prompts}: COCO mode needs COCO eval prompts (prepare.eval.source: coco, "
+                        "path: captions_val2014.json, limit: 30000, dedupe: false)")
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.mode == "coco" else "cpu")
+    scorer = load_clip(cfg.evaluator if cfg.mode == "world" else cfg.coco.clip, device)
+    prompts = [r["prompt"] for r in records]
 
+    # ---- generate: same prompts and per-prompt seeds for every generator
     generators = make_generators(cfg, teacher_dir, paths.student, cfg.batch_size)
-    prompts_digest = tree_digest(paths.eval_prompts, cfg.limit)
+    prompts_digest = tree_digest(paths.eval_prompts, cfg.limit, cfg.mode)
     teacher_digest = tree_digest(teacher_dir)
     made_by = {"teacher_1": (teacher_digest, 1, cfg.guidance_scale),
                f"teacher_{cfg.teacher_steps}": (teacher_digest, cfg.teacher_steps, cfg.guidance_scale),
                "student_1": (tree_digest(paths.student),)}
+    transform = center_crop_resize if cfg.mode == "coco" else None
     timings: dict[str, float] = {}
-    ref_dir = paths.images / "reference"
-    _render_references(ref_dir, records, clip.config.vision_config.image_size, tree_digest("reference", prompts_digest))
-    metrics: dict[str, dict] = {}
-    images: dict[str, np.ndarray] = {"ground truth": load_folder(ref_dir, records)}
     for name, gen in generators.items():
-        folder = paths.images / name
         t0 = time.perf_counter()
-        fill_folder(folder, records, gen, cfg.batch_size, name, tree_digest(name, prompts_digest, *made_by[name]))
+        fill_folder(paths.images / name, records, gen, cfg.batch_size, name,
+                    tree_digest(name, prompts_digest, *made_by[name]), transform)
         timings[name] = time.perf_counter() - t0
-        imgs = load_folder(folder, records)
-        images[name] = imgs
-        metrics[name] = {"fid": world_fid(folder, ref_dir, clip),
-                         "clip_score": clip_score(clip, processor, imgs, [r["prompt"] for r in records]),
-                         **judge(imgs, records)}
-    prompts = [r["prompt"] for r in records]
-    metrics["ground_truth"] = {"clip_score": clip_score(clip, processor, images["ground truth"], prompts),
-                               **judge(images["ground truth"], records)}
+
+    # ---- measure
+    metrics: dict[str, dict] = {}
+    if cfg.mode == "world":
+        ref_dir = paths.images / "reference"
+        _render_references(ref_dir, records, scorer.model.config.vision_config.image_size,
+                           tree_digest("reference", prompts_digest))
+        for name in [*generators, "ground_truth"]:
+            folder = ref_dir if name == "ground_truth" else paths.images / name
+            imgs = load_folder(folder, records)
+            fid = {} if name == "ground_truth" else {"fid": world_fid(folder, ref_dir, scorer.model)}
+            metrics[name] = {**fid, "clip_score": clip_score(scorer, image_batches(folder, records, 256)),
+                             **judge(imgs, records)}
+        reference = load_folder(ref_dir, records[:cfg.grid_rows])
+    else:
+        inception = load_inception(cfg.coco.inception, device)
+        workers = min(8, os.cpu_count() or 1)
+        ref_stats = folder_stats(Path(cfg.coco.images), inception, device=device, image_transform=center_crop_resize,
+                                 num_workers=workers, cache=paths.images / "coco_reference_stats.npz",
+                                 cache_key=file_listing_key(Path(cfg.coco.images), COCO_SIZE,
+                                                            Path(cfg.coco.inception).stat().st_size),
+                                 desc="reference features")
+        for name in generators:
+            folder = paths.images / name
+            stats = folder_stats(folder, inception, device=device, image_transform=center_crop_resize,
+                                 num_workers=workers, desc=f"{name} features")
+            metrics[name] = {"fid": frechet(stats, ref_stats),
+                             "clip_score": clip_score(scorer, image_batches(folder, records, 64))}
+        reference = coco_images(Path(cfg.coco.images), records[:cfg.grid_rows])
+
     write_json(paths.reports / "metrics.json", metrics)
     with atomic_file(paths.reports / "README.md") as f:
-        f.write(report(metrics, len(records), cfg, timings))
-    grid = sample_grid({k: v[:cfg.grid_rows] for k, v in images.items()}, prompts[:cfg.grid_rows])
+        f.write(report(metrics, len(records), cfg, timings, scorer.name))
+    columns = {"reference": reference} if reference is not None else {}
+    columns |= {name: load_folder(paths.images / name, records[:cfg.grid_rows]) for name in generators}
+    grid = sample_grid(columns, prompts[:cfg.grid_rows])
     with atomic_file(paths.reports / "grid.png", "wb") as f:
         grid.save(f, format="PNG")
     return metrics
+
+
+def check_coco_inputs(cfg: EvaluateConfig, paths: Paths) -> None:
+    """One error naming every missing input of the COCO-30K protocol."""
+    coco = cfg.coco
+    wanted = [("eval prompts (run `dvc repro prepare` with prepare.eval.source: coco)", paths.eval_prompts),
+              ("evaluate.coco.images (the val2014 image folder)", coco.images),
+              ("evaluate.coco.inception (clean-fid's inception-2015-12-05.pt)", coco.inception),
+              *[("evaluate.coco.clip (CLIP model)", p) for p in clip_paths(coco.clip or "")]]
+    missing = [f"  {what}: {path}" for what, path in wanted if not path or not Path(path).exists()]
+    if missing:
+        raise UserError("COCO evaluation: missing inputs:\n" + "\n".join(missing))
+
+
+def coco_images(folder: Path, records: list[dict]) -> np.ndarray | None:
+    """The val2014 image behind each caption (COCO_val2014_<12-digit id>.jpg), cropped as measured."""
+    out = []
+    for r in records:
+        found = list(folder.glob(f"*{int(r['image_id']):012d}.jpg"))
+        if not found:
+            return None
+        out.append(center_crop_resize(np.asarray(Image.open(found[0]).convert("RGB"))))
+    return np.stack(out) if out else None
 
 
 def _render_references(folder: Path, records: list[dict], resolution: int, fingerprint: str) -> None:
@@ -212,18 +226,27 @@ def _render_references(folder: Path, records: list[dict], resolution: int, finge
         [render(Scene(**by_seed[s]["scene"]), resolution, seed=s) for s in seeds]), 256, "reference", fingerprint)
 
 
-def report(metrics: dict, n: int, cfg: EvaluateConfig, timings: dict[str, float]) -> str:
-    attrs = ["shape", "color", "position", "size", "background"]
-    lines = [f"# Evaluation ({cfg.mode} mode, {n} eval prompts)", "",
-             "Same prompts and per-prompt seeds for every generator. FID and CLIP score use the embedded "
-             "evaluator CLIP; attribute accuracy is the analytic judge (all attributes right).", "",
-             "| generator | FID | CLIP score | attribute accuracy | " + " | ".join(attrs) + " | s / image |",
-             "|---|---|---|---|" + "---|" * (len(attrs) + 1)]
+def report(metrics: dict, n: int, cfg: EvaluateConfig, timings: dict[str, float], clip_name: str) -> str:
+    attrs = ["shape", "color", "position", "size", "background"] if cfg.mode == "world" else []
+    if cfg.mode == "world":
+        intro = ("Same prompts and per-prompt seeds for every generator. FID (against ground-truth renders of the "
+                 "same prompts) and CLIP score use the embedded evaluator CLIP; attribute accuracy is the analytic "
+                 "judge (all attributes right, then per attribute).")
+    else:
+        intro = (f"COCO-30K protocol (DESIGN.md section 6): the first {n} val2014 captions, one image per caption "
+                 f"with its own seed; generated and val2014 images centre-cropped and Lanczos-resized to "
+                 f"{COCO_SIZE}; clean-fid (mode clean, Inception-v3) against every image in {cfg.coco.images}. "
+                 f"CLIP score: cosine similarity, backbone {clip_name}.")
+    head = ["generator", "FID", "CLIP score"] + (["attribute accuracy", *attrs] if attrs else []) + ["s / image"]
+    lines = [f"# Evaluation ({cfg.mode} mode, {n} eval prompts)", "", intro, "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
-        fid = f"{m['fid']:.2f}" if "fid" in m else "-"
-        per = " | ".join(f"{m.get('attribute_accuracy_' + a, float('nan')):.3f}" for a in attrs)
-        t = f"{timings[name] / n:.4f}" if name in timings else "-"
-        lines.append(f"| {name} | {fid} | {m['clip_score']:.4f} | {m['attribute_accuracy']:.3f} | {per} | {t} |")
+        row = [name, f"{m['fid']:.2f}" if "fid" in m else "-", f"{m['clip_score']:.4f}"]
+        if attrs:
+            row += [f"{m['attribute_accuracy']:.3f}"] + [f"{m.get('attribute_accuracy_' + a, float('nan')):.3f}"
+                                                        for a in attrs]
+        row.append(f"{timings[name] / n:.4f}" if name in timings else "-")
+        lines.append("| " + " | ".join(row) + " |")
     lines += ["", "s / image: generation wall time of this run divided by the prompts (0 when the images were reused).",
               "", "![samples](grid.png)", ""]
     return "\n".join(lines)

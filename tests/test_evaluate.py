@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from src.config import DistillConfig, EvaluateConfig
-from src.distill import Paths as DistillPaths
-from src.distill import distill
-from src.evaluate import Paths, evaluate, world_fid
+from src.config import EvaluateConfig
+from src.evaluate import Paths, evaluate
+from src.metrics import world_fid
 from src.world import render, sample_scene
-
-
-@pytest.fixture(scope="module")
-def micro_student(tmp_path_factory, micro_models, world_prompts):
-    models, _ = micro_models
-    out = tmp_path_factory.mktemp("student")
-    distill(DistillConfig(teacher=str(models / "teacher"), steps=2, batch_size=2, lora_rank=4, lora_alpha=8,
-                          val_every=100, val_prompts=2),
-            lr=1e-4, seed=0, paths=DistillPaths(train_prompts=world_prompts / "train.jsonl",
-                                                eval_prompts=world_prompts / "eval.jsonl",
-                                                checkpoints=out / "ck", student=out / "student",
-                                                reports=out / "rep"))
-    return out / "student"
 
 
 def test_evaluate_writes_the_three_generator_table_and_resumes(tmp_path, micro_models, world_prompts, micro_student):
@@ -112,3 +96,47 @@ def test_images_of_other_models_are_not_reused(tmp_path):
     fill_folder(tmp_path / "g", records, gen(200), 2, "g", "model-b")   # another model: redraw all
     assert calls == [2, 1, 2, 1]
     assert np.asarray(Image.open(tmp_path / "g" / "000000.png")).max() == 200
+
+
+def test_clip_score_prefers_matched_captions(repo):
+    """With the committed evaluator: images score higher with their own caption than with shuffled ones."""
+    import random
+
+    from src.metrics import TransformersClip, clip_score
+    from src.world import caption
+
+    r = random.Random(1)
+    scenes = [sample_scene(r) for _ in range(64)]
+    images = [render(s, 32, seed=i) for i, s in enumerate(scenes)]
+    captions = [caption(s, r) for s in scenes]
+    shuffled = captions[1:] + captions[:1]
+    scorer = TransformersClip(repo / "models" / "evaluator")
+    matched = clip_score(scorer, [(images, captions)])
+    other = clip_score(scorer, [(images, shuffled)])
+    assert matched > other + 0.1
+
+
+def test_the_table_ranks_a_broken_generator_last(tmp_path, repo):
+    """Committed teacher and evaluator; the 'student' is the teacher with its UNet scrambled."""
+    from src.prepare import prepare
+    from src.config import PrepareConfig, SourceConfig, WorldConfig
+    from src.teacher import load_pipeline
+
+    prompts = tmp_path / "prompts"
+    prepare(PrepareConfig(tokenizer=str(repo / "models/teacher/tokenizer"), train=SourceConfig(limit=4),
+                          eval=SourceConfig(limit=48)), WorldConfig(), 0, prompts)
+    broken = load_pipeline(str(repo / "models" / "teacher"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in broken.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.std().nan_to_num(0.02))
+    broken.save_pretrained(tmp_path / "broken")
+    cfg = EvaluateConfig(evaluator=str(repo / "models" / "evaluator"), teacher_steps=10, batch_size=48)
+    m = evaluate(cfg, str(repo / "models" / "teacher"),
+                 Paths(eval_prompts=prompts / "eval.jsonl", student=tmp_path / "broken", images=tmp_path / "img",
+                       reports=tmp_path / "rep"))
+    good = [m["teacher_1"], m["teacher_10"]]
+    assert all(m["student_1"]["fid"] > g["fid"] for g in good)
+    assert all(m["student_1"]["clip_score"] < g["clip_score"] for g in good)
+    assert all(m["student_1"]["attribute_accuracy"] <= g["attribute_accuracy"] for g in good)
+    assert m["teacher_10"]["attribute_accuracy"] > 0.8     # and the good one is really good

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from src.bench.judge import judge_accuracy
-from src.world import accuracy, all_scenes, caption, read_scene, render, sample_scene, score
+from src.world import all_scenes, caption, read_scene, render, sample_scene, score
 from src.world.scene import COLOR_WORDS, POSITION_WORDS, SHAPE_WORDS, Scene, vocabulary
 
 

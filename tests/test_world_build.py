@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from src.errors import UserError
-from src.world.build import MICRO, apply_build_overrides, build, object_weights
+from src.world.build import MICRO, apply_build_overrides, object_weights
 
 
 def test_teacher_loads_with_the_stock_pipeline_and_is_sd_shaped(micro_models):

@@ -25,7 +25,7 @@ from ..errors import UserError, run_cli
 from ..fileio import atomic_file, write_json
 from ..figures import sample_grid
 from ..prepare import read_prepared
-from .build import encode_latents, retrieval_accuracy, to_uint8, to_unit
+from .build import encode_latents, retrieval_accuracy, to_uint8
 from .judge import accuracy, read_scene, score
 from .render import render
 from .scene import Scene

@@ -1,0 +1,213 @@
+"""Image-generation metrics shared by both evaluation modes (DESIGN.md section 6).
+
+- FID through clean-fid: folder features -> (mu, sigma) -> Frechet distance. The feature
+  extractor is the embedded evaluator CLIP's image tower (world mode) or clean-fid's own
+  Inception-v3 loaded from a user-supplied weights file (COCO-30K mode, never downloaded).
+  Reference statistics can be cached next to the images they describe.
+- CLIP score: mean cosine similarity between each image and its own prompt, with a
+  transformers CLIPModel folder or an open_clip model (`open_clip:<arch>:<weights file>`).
+- The COCO protocol's preprocessing: centre crop, then Lanczos resize to 256, both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+from .fileio import atomic_file
+
+INCEPTION_FILE = "inception-2015-12-05.pt"   # the name clean-fid gives its TorchScript Inception-v3
+COCO_SIZE = 256                              # DESIGN.md section 6
+
+
+def center_crop_resize(img: np.ndarray, size: int = COCO_SIZE) -> np.ndarray:
+    """Largest centred square, then Lanczos to size x size (uint8 HxWx3 in and out)."""
+    h, w = img.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(img[top:top + side, left:left + side])
+    return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS))
+
+
+# --------------------------------------------------------------------------- FID
+
+
+class EvaluatorFeatures(torch.nn.Module):
+    """clean-fid feature extractor: evaluator CLIP image embeddings of [0, 255] float batches."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        pixels = batch.float() / 127.5 - 1.0  # the evaluator's input range (mean 0.5, std 0.5)
+        return self.clip.get_image_features(pixel_values=pixels).pooler_output
+
+
+def load_inception(path: str | Path, device: torch.device):
+    """clean-fid's Inception-v3 from a local `inception-2015-12-05.pt` (no download)."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    path = Path(path)
+    if path.name != INCEPTION_FILE or not path.is_file():
+        raise UserError(f"evaluate.coco.inception: expected clean-fid's {INCEPTION_FILE} file, got {path}")
+    try:
+        return InceptionV3W(str(path.parent), download=False).to(device).eval()
+    except RuntimeError as err:
+        raise UserError(f"evaluate.coco.inception: {path} is not a TorchScript Inception-v3: {err}") from None
+
+
+def folder_stats(folder: Path, model: Callable, *, device: torch.device, image_transform=None, resize=None,
+                 batch_size: int = 64, num_workers: int = 0, cache: Path | None = None,
+                 cache_key: str = "", desc: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of `model`'s features over every image under `folder` (clean mode).
+
+    `image_transform` runs on each uint8 image first (e.g. the COCO crop); `resize` replaces
+    clean-fid's resize to 299 (world mode keeps the evaluator's own resolution). With `cache`,
+    the statistics are stored there with `cache_key` and reused while the key matches.
+    """
+    from cleanfid import fid
+
+    if cache is not None and cache.is_file():
+        stored = np.load(cache)
+        if str(stored["key"]) == cache_key:
+            return stored["mu"], stored["sigma"]
+    feats = fid.get_folder_features(str(folder), model, num_workers=num_workers, batch_size=batch_size,
+                                    device=device, mode="clean", custom_fn_resize=resize,
+                                    custom_image_tranform=image_transform, description=desc, verbose=False)
+    mu, sigma = np.mean(feats, axis=0), np.cov(feats, rowvar=False)
+    if cache is not None:
+        with atomic_file(cache, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, key=np.array(cache_key))
+    return mu, sigma
+
+
+def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    from cleanfid import fid
+
+    return float(fid.frechet_distance(a[0], a[1], b[0], b[1]))
+
+
+def world_fid(gen_dir: Path, ref_dir: Path, clip, batch_size: int = 128) -> float:
+    """FID in the evaluator's feature space (images stay at the world resolution)."""
+    feats = EvaluatorFeatures(clip)
+    cpu = torch.device("cpu")
+    return frechet(folder_stats(gen_dir, feats, device=cpu, resize=_identity, batch_size=batch_size),
+                   folder_stats(ref_dir, feats, device=cpu, resize=_identity, batch_size=batch_size))
+
+
+def _identity(x):
+    return x
+
+
+# --------------------------------------------------------------------------- CLIP score
+
+
+class ClipScorer(Protocol):
+    name: str
+
+    def similarity(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+        """Cosine similarity of each image with its own prompt."""
+
+
+class TransformersClip:
+    """A transformers CLIPModel folder (the embedded evaluator, or e.g. openai/clip-vit-large-patch14 saved locally)."""
+
+    def __init__(self, folder: str | Path, device: torch.device = torch.device("cpu")):
+        from transformers import CLIPModel, CLIPProcessor
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"CLIP model: {folder} is not a transformers CLIPModel folder (no config.json)")
+        self.model = CLIPModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True).to(device).eval()
+        self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+        self.device = device
+        self.name = f"transformers:{folder.name}"
+
+    @torch.no_grad()
+    def similarity(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+        inputs = self.processor(text=prompts, images=list(images), return_tensors="pt", padding="max_length",
+                                truncation=True).to(self.device)
+        img = self.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        txt = self.model.get_text_features(input_ids=inputs["input_ids"]).pooler_output
+        return torch.nn.functional.cosine_similarity(img, txt).float().cpu().numpy()
+
+
+class OpenClip:
+    """open_clip model from a local weights file: spec `open_clip:<arch>:<weights>` (e.g. ViT-g-14)."""
+
+    def __init__(self, arch: str, weights: str | Path, device: torch.device = torch.device("cpu")):
+        try:
+            import open_clip
+        except ImportError:
+            raise UserError("evaluate.coco.clip: an open_clip spec needs the open_clip_torch package "
+                            "(pip install open_clip_torch), or give a transformers CLIPModel folder") from None
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights),
+                                                                               device=device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.device = device
+        self.name = f"open_clip:{arch}"
+
+    @torch.no_grad()
+    def similarity(self, images: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+        pixels = torch.stack([self.preprocess(Image.fromarray(im)) for im in images]).to(self.device)
+        img = self.model.encode_image(pixels)
+        txt = self.model.encode_text(self.tokenizer(prompts).to(self.device))
+        return torch.nn.functional.cosine_similarity(img, txt).float().cpu().numpy()
+
+
+def clip_paths(spec: str) -> list[Path]:
+    """The local files a CLIP spec needs (for the missing-input check)."""
+    if spec.startswith("open_clip:"):
+        parts = spec.split(":", 2)
+        return [Path(parts[2])] if len(parts) == 3 else []
+    return [Path(spec)]
+
+
+def load_clip(spec: str, device: torch.device = torch.device("cpu")) -> ClipScorer:
+    """`open_clip:<arch>:<weights file>` or a transformers CLIPModel folder."""
+    if spec.startswith("open_clip:"):
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise UserError(f"evaluate.coco.clip: {spec!r}: expected open_clip:<arch>:<weights file>, "
+                            "e.g. open_clip:ViT-g-14:/models/open_clip_pytorch_model.bin")
+        return OpenClip(parts[1], parts[2], device)
+    return TransformersClip(spec, device)
+
+
+def clip_score(scorer: ClipScorer, batches) -> float:
+    """Mean cosine over (images, prompts) batches."""
+    sims = [scorer.similarity(images, prompts) for images, prompts in batches]
+    return float(np.concatenate(sims).mean())
+
+
+# --------------------------------------------------------------------------- the world judge
+
+
+def judge(images: np.ndarray, records: list[dict]) -> dict[str, float]:
+    """Attribute accuracy (all attributes right, and per attribute) of world images."""
+    from .world import accuracy, read_scene, score
+
+    acc = accuracy(score(read_scene(im), r["attributes"]) for im, r in zip(images, records))
+    return {("attribute_accuracy" if k == "all" else f"attribute_accuracy_{k}"): v for k, v in acc.items()}
+
+
+def file_listing_key(folder: Path, *extra: object) -> str:
+    """A cheap identity of a large image folder: names and sizes of its files, plus `extra`."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            h.update(f"{os.path.relpath(os.path.join(root, name), folder)}:"
+                     f"{os.path.getsize(os.path.join(root, name))}\n".encode())
+    return h.hexdigest()
