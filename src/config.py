@@ -93,6 +93,7 @@ class DistillConfig(Section):
     guidance_scale: float = Field(4.5, ge=1.0, le=50.0, description="CFG on teacher and LoRA teacher (paper: 4.5)")
     t_min: int = Field(20, ge=0, le=999, description="VSD timestep range, low end (paper: 20)")
     t_max: int = Field(980, ge=0, le=999, description="VSD timestep range, high end (paper: 980)")
+    lora_updates: int = Field(1, ge=1, le=100, description="LoRA-teacher updates per student update (paper: 1)")
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="LoRA-teacher prompt dropout (paper: 0.1)")
     reduction: Literal["mean", "sum_over_batch"] = Field("mean", description="VSD loss reduction (official: mean)")
     grad_clip: float = Field(1.0, gt=0.0, description="max grad norm for both updates (paper: 1.0)")
@@ -143,6 +144,15 @@ class EvaluateConfig(Section):
         return self
 
 
+class ExportConfig(Section):
+    """The export stage (DESIGN.md section 7): ONNX fp32 + fp16 and their parity with PyTorch."""
+
+    opset: int = Field(17, ge=14, le=23, description="ONNX opset")
+    parity_prompts: int = Field(16, ge=1, le=4096, description="eval prompts used for the parity check")
+    min_psnr_fp32: float = Field(40.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")
+    min_psnr_fp16: float = Field(30.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")
+
+
 class Config(Section):
     """The whole params.yaml."""
 
@@ -152,6 +162,7 @@ class Config(Section):
     prepare: PrepareConfig = PrepareConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

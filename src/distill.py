@@ -177,13 +177,16 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         ok_s = _finite(loss_vsd, gnorm_s)
         _step_or_skip(opt_student, ok_s)
 
-        # 3. LoRA-teacher update on the detached student samples
-        with acc.autocast():
-            loss_lora, lstats = lora_loss(teacher, x0.detach(), cond, uncond, abar, gen)
-        acc.backward(loss_lora)
-        gnorm_l = acc.clip_grad_norm_(lora_params, cfg.grad_clip)
-        ok_l = _finite(loss_lora, gnorm_l)
-        _step_or_skip(opt_lora, ok_l)
+        # 3. LoRA-teacher update(s) on the detached student samples (fresh t and noise each)
+        ok_l = True
+        for _ in range(cfg.lora_updates):
+            with acc.autocast():
+                loss_lora, lstats = lora_loss(teacher, x0.detach(), cond, uncond, abar, gen)
+            acc.backward(loss_lora)
+            gnorm_l = acc.clip_grad_norm_(lora_params, cfg.grad_clip)
+            ok = _finite(loss_lora, gnorm_l)
+            _step_or_skip(opt_lora, ok)
+            ok_l = ok_l and ok
 
         for name, ok in (("student", ok_s), ("lora", ok_l)):
             nonfinite[name] = 0 if ok else nonfinite[name] + 1

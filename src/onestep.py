@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import noise
 from .vsd import x0_from_output
 
 
@@ -17,10 +18,10 @@ def student_timestep(alphas_cumprod: torch.Tensor) -> int:
     return len(alphas_cumprod) - 1
 
 
-def initial_noise(seeds: list[int], shape: tuple[int, int, int], dtype=torch.float32) -> torch.Tensor:
-    """(B, C, h, w) Gaussian noise, sample i drawn from its own generator seeded with seeds[i]."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype)
-                        for s in seeds])
+def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, h, w) Gaussian noise, sample i from its own seed (the numpy convention of src/noise.py,
+    shared with ONNX inference)."""
+    return torch.from_numpy(noise.initial_noise(seeds, shape))
 
 
 def student_x0(unet, z: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,

@@ -41,7 +41,7 @@ def x0_from_output(z: torch.Tensor, out: torch.Tensor, abar: torch.Tensor,
     epsilon:      x0 = (z - sqrt(1 - abar) * eps) / sqrt(abar)
     v_prediction: x0 = sqrt(abar) * z - sqrt(1 - abar) * v
     """
-    abar = _bcast(torch.as_tensor(abar).expand(z.shape[0]), z)
+    abar = _bcast(torch.as_tensor(abar), z)  # (B,) or a scalar; no batch-size constant in traced graphs
     if prediction_type == "epsilon":
         return (z - (1 - abar).sqrt() * out) / abar.sqrt()
     if prediction_type == "v_prediction":

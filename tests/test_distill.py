@@ -34,6 +34,7 @@ def _paths(tmp: Path, prompts: Path) -> Paths:
 def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tmp_path, micro_models, world_prompts):
     from diffusers import StableDiffusionPipeline
 
+    from src.noise import initial_noise
     from src.onestep import generate
     from src.teacher import alphas_cumprod, load_pipeline
 
@@ -49,8 +50,9 @@ def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tm
     pipe = StableDiffusionPipeline.from_pretrained(paths.student, dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = ["a red circle in the center on a blue background", "a big white box at the top"], [3, 4]
+    latents = initial_noise(seeds, (pipe.unet.config.in_channels,) + (pipe.unet.config.sample_size,) * 2)
     via_pipeline = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, output_type="np",
-                        generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+                        latents=torch.from_numpy(latents)).images
     teacher = load_pipeline(str(models / "teacher"))
     ours = generate(teacher, pipe.unet, prompts, seeds, alphas_cumprod(teacher))
     assert np.abs(via_pipeline * 255 - ours.astype(np.float32)).max() <= 1.0  # same image (uint8 rounding)

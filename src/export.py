@@ -1,0 +1,290 @@
+"""The export stage: the one-step student as ONNX graphs (fp32 and fp16), checked for parity.
+
+    python -m src.export            # as the DVC stage `export` runs it
+
+One graph per precision, the whole generator (DESIGN.md section 7):
+
+    input_ids  int64   (batch, max_length)   token ids, padded (see tokenizer contract below)
+    noise      float32 (batch, C, h, w)      initial latent, N(0, I); src/noise.py for seeds
+      -> text encoder -> student UNet at t = T-1 -> x0 -> VAE decode ->
+    images     float32 (batch, 3, H, W)      in [0, 1]
+
+Inputs and outputs stay float32 in the fp16 graph too (only the inside is half precision),
+so `python -m src.infer` feeds both the same way. The folder also holds `tokenizer.json`
+and `onestep.json` (shapes, timestep, tokenizer ids) and a model card, README.md.
+
+fp16: the fp32 graph converted by ONNX Runtime's float16 tool with float32 inputs/outputs;
+ops whose half-precision version is numerically unsafe or has no kernel (the timestep
+embedding's Sin/Cos/Exp, normalisations' reductions, Resize) stay float32. The graph is
+not fused with ORT's Stable Diffusion operators (they have no CPU kernel), so both
+artifacts load and run on the CPU provider as well as on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, ExportConfig, add_config_args, dump, load_config
+from .errors import UserError, run_cli
+from .fileio import atomic_dir, write_json
+from .noise import initial_noise
+from .onestep import decode, student_x0
+from .prepare import read_prepared
+
+TWO_GB = 2 * 1024**3
+
+
+@dataclass
+class Paths:
+    student: Path = Path("models/student")
+    out: Path = Path("models/onnx")
+    reports: Path = Path("reports/export")
+    eval_prompts: Path = Path("prompts/eval.jsonl")
+
+
+class OneStepGraph(torch.nn.Module):
+    """token ids + noise -> images in [0, 1]: what the ONNX graph computes."""
+
+    def __init__(self, pipe):
+        super().__init__()
+        from .teacher import alphas_cumprod
+
+        self.text_encoder, self.unet, self.vae = pipe.text_encoder, pipe.unet, pipe.vae
+        self.register_buffer("abar", alphas_cumprod(pipe), persistent=False)
+        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def forward(self, input_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        text = self.text_encoder(input_ids)[0]
+        return decode(self.vae, student_x0(self.unet, noise, text, self.abar, self.prediction))
+
+
+def contract(pipe) -> dict:
+    """What a caller needs besides the graph: shapes, the tokenizer's ids, the noise convention."""
+    tok, unet = pipe.tokenizer, pipe.unet
+    return {
+        "inputs": {"input_ids": ["batch", tok.model_max_length], "noise": ["batch", unet.config.in_channels,
+                                                                             unet.config.sample_size,
+                                                                             unet.config.sample_size]},
+        "outputs": {"images": ["batch", 3, "H", "W"], "range": [0.0, 1.0]},
+        "max_length": tok.model_max_length,
+        "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
+        "latent_shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size],
+        "timestep": int(len(OneStepGraph(pipe).abar) - 1),
+        "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
+        "noise": "sample i: numpy.random.default_rng(seed_i).standard_normal(latent_shape, dtype=float32)",
+    }
+
+
+def export_fp32(pipe, path: Path, opset: int) -> None:
+    """torch -> ONNX (TorchScript exporter; dynamic batch), external data when over 2 GB."""
+    import onnx
+
+    graph = OneStepGraph(pipe).eval()
+    c = contract(pipe)
+    ids = torch.full((2, c["max_length"]), c["pad_id"], dtype=torch.long)
+    noise = torch.zeros(2, *c["latent_shape"])
+    raw = path.parent / "raw.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shape asserts in diffusers blocks
+        torch.onnx.export(graph, (ids, noise), str(raw), input_names=["input_ids", "noise"],
+                          output_names=["images"], opset_version=opset, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch"}, "noise": {0: "batch"}, "images": {0: "batch"}})
+    model = onnx.load(str(raw))
+    _save(model, path)
+    for f in path.parent.iterdir():
+        if f.name not in (path.name, path.name + ".data"):
+            f.unlink()
+
+
+def export_fp16(fp32: Path, path: Path) -> None:
+    """ORT's float16 conversion with float32 I/O; the timestep embedding and the glue stay float32."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(fp32)))
+    keep = [n.name for n in model.model.graph.node if fp32_node(n.name)]
+    # Symbolic shape inference first, so that every intermediate has a known type to convert.
+    model.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=True, node_block_list=keep)
+    drop_duplicate_casts(model.model.graph)
+    model.topological_sort()      # the converter appends its input casts after their consumers
+    _save(model.model, path)
+
+
+def fp32_node(name: str) -> bool:
+    """Nodes kept float32 in the fp16 graph.
+
+    The sinusoidal timestep embedding (a naive conversion breaks it: the Cast mismatch in
+    time_proj that makes ONNX Runtime refuse the graph, and fp16 Sin/Cos of t * 10^k loses the
+    phase) and the glue outside the three networks: x0 = (z - sqrt(1 - abar) eps) / sqrt(abar)
+    divides by sqrt(abar_T) ~ 0.07, which would magnify half-precision error 14x.
+    """
+    if "/time_proj/" in name or "/time_embedding/" in name:
+        return True
+    return name.startswith("/") and not name.startswith(NETWORKS)
+
+
+NETWORKS = ("/unet/", "/text_encoder/", "/decoder/", "/post_quant_conv/")   # node-name prefixes of the exported graph
+
+
+def drop_duplicate_casts(graph) -> int:
+    """Remove repeated identical Cast nodes (same output name) that the converter inserts when one
+    half-precision value feeds several float32 nodes; the graph must be SSA to load."""
+    seen, dupes = set(), []
+    for node in graph.node:
+        if node.op_type == "Cast" and node.output[0] in seen:
+            dupes.append(node)
+        seen.update(node.output)
+    for node in dupes:
+        graph.node.remove(node)
+    return len(dupes)
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    large = model.ByteSize() > TWO_GB - 64 * 1024**2
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + ".data" if large else None)
+    onnx.checker.check_model(str(path))
+
+
+def run_session(path: Path, provider: str = "CPUExecutionProvider"):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=[provider])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of images in [0, 1] (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def tokenize(pipe, prompts: list[str]) -> np.ndarray:
+    tok = pipe.tokenizer
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="np").input_ids.astype(np.int64)
+
+
+def parity(pipe, files: dict[str, Path], prompts: list[str], seeds: list[int]) -> dict[str, float]:
+    """ONNX vs the PyTorch student on the same prompts and seeds: PSNR and max error on [0, 1] images."""
+    c = contract(pipe)
+    ids, noise = tokenize(pipe, prompts), initial_noise(seeds, tuple(c["latent_shape"]))
+    with torch.no_grad():
+        ref = OneStepGraph(pipe).eval()(torch.from_numpy(ids), torch.from_numpy(noise)).numpy()
+    out = {}
+    for name, f in files.items():
+        got = run_session(f).run(["images"], {"input_ids": ids, "noise": noise})[0]
+        out[f"psnr_{name}"] = round(psnr(got, ref), 3)
+        out[f"max_abs_err_{name}"] = float(np.abs(got - ref).max())
+    return out
+
+
+def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
+    """Write models/onnx (fp32/, fp16/, tokenizer.json, onestep.json, README.md) and the parity report."""
+    from .teacher import load_pipeline
+
+    if not (paths.student / "model_index.json").is_file():
+        raise UserError(f"{paths.student}: no student pipeline (run `dvc repro distill` first)")
+    pipe = load_pipeline(str(paths.student))
+    records = read_prepared(paths.eval_prompts, cfg.parity_prompts) if paths.eval_prompts.is_file() else []
+    prompts = [r["prompt"] for r in records] or ["a photo of a cat"]
+    seeds = [int(r["seed"]) for r in records] or [0]
+    t0 = time.perf_counter()
+    with atomic_dir(paths.out) as tmp:
+        files = {"fp32": tmp / "fp32" / "model.onnx", "fp16": tmp / "fp16" / "model.onnx"}
+        for f in files.values():
+            f.parent.mkdir(parents=True)
+        export_fp32(pipe, files["fp32"], cfg.opset)
+        export_fp16(files["fp32"], files["fp16"])
+        pipe.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        c = contract(pipe)
+        (tmp / "onestep.json").write_text(json.dumps(c, indent=2) + "\n")
+        metrics = parity(pipe, files, prompts, seeds)
+        metrics |= {f"size_mb_{k}": round(sum(p.stat().st_size for p in f.parent.iterdir()) / 2**20, 2)
+                    for k, f in files.items()}
+        metrics["export_s"] = round(time.perf_counter() - t0, 1)
+        metrics["parity_prompts"] = len(prompts)
+        failed = [k for k, bar in (("fp32", cfg.min_psnr_fp32), ("fp16", cfg.min_psnr_fp16))
+                  if metrics[f"psnr_{k}"] < bar]
+        if failed:
+            raise UserError("export: parity below the bar for " + ", ".join(
+                f"{k} ({metrics[f'psnr_{k}']:.1f} dB)" for k in failed) + f"; bars: fp32 {cfg.min_psnr_fp32} dB, "
+                f"fp16 {cfg.min_psnr_fp16} dB. Nothing was written.")
+        (tmp / "README.md").write_text(model_card(paths.student, c, metrics, cfg))
+    write_json(paths.reports / "metrics.json", metrics)
+    return metrics
+
+
+def model_card(student: Path, c: dict, m: dict, cfg: ExportConfig) -> str:
+    made = json.loads((student / "swiftbrush.json").read_text()) if (student / "swiftbrush.json").is_file() else {}
+    shape = "x".join(map(str, c["latent_shape"]))
+    return f"""# One-step SwiftBrush student (ONNX)
+
+A text-to-image generator distilled from a Stable-Diffusion-style teacher with SwiftBrush
+(variational score distillation, no training images). One network evaluation per image.
+
+| file | what |
+|---|---|
+| `fp32/model.onnx` | the whole generator in float32 ({m['size_mb_fp32']} MB) |
+| `fp16/model.onnx` | the same in float16 inside, float32 inputs/outputs ({m['size_mb_fp16']} MB) |
+| `tokenizer.json` | the teacher's tokenizer (Hugging Face `tokenizers` format) |
+| `onestep.json` | the I/O contract below, machine-readable |
+
+## I/O contract
+
+| name | type | shape | meaning |
+|---|---|---|---|
+| `input_ids` | int64 | (batch, {c['max_length']}) | token ids: BOS ({c['bos_id']}), prompt, EOS ({c['eos_id']}), padded with {c['pad_id']}; longer prompts are cut to {c['max_length']} (EOS kept last) |
+| `noise` | float32 | (batch, {shape}) | initial latent, standard normal; `numpy.random.default_rng(seed).standard_normal(({', '.join(map(str, c['latent_shape']))}), dtype=numpy.float32)` per image |
+| `images` | float32 | (batch, 3, H, W) | RGB in [0, 1] |
+
+Inside: text encoder -> student UNet at t = {c['timestep']} ({c['prediction_type']} prediction) -> clean
+latent x0 -> VAE decode. No guidance at inference (the student learned the guided teacher).
+Neither graph uses ONNX Runtime's fused Stable Diffusion operators, so both run on the CPU
+provider as well as CUDA (fp16 is meant for GPUs; on CPU ONNX Runtime runs its half ops through casts).
+
+## How it was made
+
+`python -m src.export` from the diffusers pipeline in `{student}` ({json.dumps(made) if made else 'student pipeline'});
+ONNX opset {cfg.opset}; fp16 by ONNX Runtime's float16 converter with float32 I/O.
+
+Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their seeds (images in [0, 1]):
+
+| artifact | PSNR (dB) | max abs error |
+|---|---|---|
+| fp32 | {m['psnr_fp32']} | {m['max_abs_err_fp32']:.2e} |
+| fp16 | {m['psnr_fp16']} | {m['max_abs_err_fp16']:.2e} |
+
+## Run it
+
+    python -m src.infer "a red circle at the top on a blue background" --seed 0 --out cat.png
+    python -m src.infer --prompts-file prompts.txt --seed 0 --out images/ --precision fp16 --provider cuda
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    config: Config = load_config(args.params, args.overrides)
+    if args.dry_run:
+        print(dump(config.export), end="")
+        return
+    m = export(config.export)
+    print(f"export: fp32 {m['psnr_fp32']:.1f} dB (max err {m['max_abs_err_fp32']:.1e}), "
+          f"fp16 {m['psnr_fp16']:.1f} dB (max err {m['max_abs_err_fp16']:.1e}); models/onnx written")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,150 @@
+"""Export to ONNX (fp32, fp16) and `python -m src.infer`: parity, contract, CLI behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.config import ExportConfig
+from src.errors import UserError
+from src.export import Paths, export
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle at the top on a blue background", "a big yellow box on the left, black background",
+           "a small white plus sign in the center on a violet canvas"]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory, micro_student, world_prompts):
+    root = tmp_path_factory.mktemp("export")
+    metrics = export(ExportConfig(parity_prompts=4), Paths(student=micro_student, out=root / "onnx",
+                                                           reports=root / "rep",
+                                                           eval_prompts=world_prompts / "eval.jsonl"))
+    return root / "onnx", metrics
+
+
+def test_export_writes_both_graphs_with_parity(onnx_dir):
+    import onnx
+    import onnxruntime as ort
+
+    folder, metrics = onnx_dir
+    assert metrics["psnr_fp32"] >= 40 and metrics["psnr_fp16"] >= 30          # the issue's bars
+    assert metrics["max_abs_err_fp32"] < 1e-3
+    on_disk = json.loads((folder.parent / "rep" / "metrics.json").read_text())
+    assert {"psnr_fp32", "psnr_fp16", "max_abs_err_fp32", "max_abs_err_fp16"} <= set(on_disk)
+    contract = json.loads((folder / "onestep.json").read_text())
+    for precision in ("fp32", "fp16"):
+        path = folder / precision / "model.onnx"
+        onnx.checker.check_model(str(path))
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == ["input_ids", "noise"]
+        assert sess.get_inputs()[1].type == "tensor(float)"                   # float32 I/O in fp16 too
+        out = sess.run(None, {"input_ids": np.zeros((3, contract["max_length"]), np.int64),
+                              "noise": np.zeros((3, *contract["latent_shape"]), np.float32)})[0]
+        assert out.shape[0] == 3 and out.dtype == np.float32                  # dynamic batch
+    half = onnx.load(str(folder / "fp16" / "model.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in half.graph.initializer)
+    card = (folder / "README.md").read_text()
+    assert "input_ids" in card and "python -m src.infer" in card and str(metrics["psnr_fp32"]) in card
+
+
+def test_export_refuses_to_write_below_the_parity_bar(tmp_path, micro_student, world_prompts):
+    with pytest.raises(UserError, match="parity below the bar for fp32"):
+        export(ExportConfig(parity_prompts=2, min_psnr_fp32=1e9),
+               Paths(student=micro_student, out=tmp_path / "onnx", reports=tmp_path / "rep",
+                     eval_prompts=world_prompts / "eval.jsonl"))
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "rep").exists()
+    assert not [p for p in tmp_path.iterdir()]                               # no temp folder left either
+
+
+def test_export_without_student_says_what_to_run(tmp_path):
+    with pytest.raises(UserError, match="dvc repro distill"):
+        export(ExportConfig(), Paths(student=tmp_path / "none", out=tmp_path / "o", reports=tmp_path / "r"))
+
+
+def test_onnx_images_match_the_pytorch_student_for_the_same_seeds(onnx_dir, micro_student):
+    from src.infer import generate, load_artifact
+    from src.onestep import generate as torch_generate
+    from src.teacher import alphas_cumprod, load_pipeline
+
+    folder, _ = onnx_dir
+    pipe = load_pipeline(str(micro_student))
+    seeds = [11, 12, 13]
+    expected = torch_generate(pipe, pipe.unet, PROMPTS, seeds, alphas_cumprod(pipe))
+    art = load_artifact(folder, "fp32", "cpu")
+    got = np.stack([img for _, img in generate(art, PROMPTS, seeds, batch_size=2)])
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1       # uint8 rounding at most
+    # Batch size never changes an image.
+    one_by_one = np.stack([img for _, img in generate(art, PROMPTS, seeds, batch_size=1)])
+    assert np.array_equal(one_by_one, got)
+
+
+def test_tokenization_matches_the_pipeline_and_truncates_like_diffusers(onnx_dir, micro_student):
+    from src.infer import load_artifact, tokenize
+    from src.teacher import load_pipeline
+
+    folder, _ = onnx_dir
+    tok = load_pipeline(str(micro_student)).tokenizer
+    prompts = PROMPTS + [" ".join(["a red circle on a blue background"] * 20), "Ünïcode   spaced  OUT"]
+    art = load_artifact(folder, "fp32", "cpu")
+    ours, cut = tokenize(art.tokenizer, art.contract, prompts)
+    theirs = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                 return_tensors="np").input_ids
+    assert np.array_equal(ours, theirs)
+    assert len(cut) == 1 and prompts[3].endswith(cut[0]) and len(cut[0]) > 50   # the dropped tail
+
+
+def _infer(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "src.infer", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_infer_cli_writes_pngs_and_never_imports_torch(tmp_path, onnx_dir):
+    folder, _ = onnx_dir
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+            "import contextlib\n"
+            "with contextlib.suppress(SystemExit): runpy.run_module('src.infer', run_name='__main__')\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", code, "infer", *PROMPTS[:2], "--seed", "5", "--model", str(folder),
+                          "--out", str(tmp_path / "imgs"), "--provider", "cpu"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("NO-TORCH")
+    assert "CPUExecutionProvider" in run.stderr and "images/s" in run.stderr
+    files = sorted(p.name for p in (tmp_path / "imgs").iterdir())
+    assert files == ["0000-seed5.png", "0001-seed6.png"]
+    # The same prompt and seed, alone and into a single file: the same picture.
+    single = _infer(PROMPTS[1], "--seed", "6", "--model", str(folder), "--out", str(tmp_path / "one.png"))
+    assert single.returncode == 0, single.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")),
+                          np.asarray(Image.open(tmp_path / "imgs" / "0001-seed6.png")))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["a cat", "--model", "{missing}"], "dvc repro export"),
+    (["--model", "{model}"], "no prompts"),
+    (["   ", "--model", "{model}"], "no prompts"),
+    (["a cat", "--seed", "-3", "--model", "{model}"], "--seed: expected a non-negative integer"),
+    (["a cat", "--seed", "1.5", "--model", "{model}"], "--seed: expected a non-negative integer"),
+    (["a cat", "b dog", "--seeds", "1", "--model", "{model}"], "2 prompts"),
+    (["a cat", "--model", "{model}", "--out", "{blocked}/sub"], "cannot write"),
+    (["a cat", "b dog", "--model", "{model}", "--out", "{tmp}/x.png"], "need a folder"),
+])
+def test_infer_bad_input_is_one_clear_message(tmp_path, onnx_dir, args, message):
+    folder, _ = onnx_dir
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder would go")
+    fill = {"model": str(folder), "missing": str(tmp_path / "no_model"), "blocked": str(blocked), "tmp": str(tmp_path)}
+    run = _infer(*[a.format(**fill) for a in args])
+    assert run.returncode == 2
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert not list(tmp_path.glob("**/*.png"))
