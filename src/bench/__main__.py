@@ -1,0 +1,146 @@
+"""Speed benchmark on this machine: distillation throughput and one-step inference vs the teacher.
+
+    python -m src.bench                # writes reports/bench/bench.json and reports/bench/README.md
+    python -m src.bench --quick        # fewer repeats (a smoke run)
+
+Needs the pipeline's outputs: models/student (`dvc repro distill`) and models/onnx
+(`dvc repro export`). Every timing is the median of several repeats after a warm-up; run it
+on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..config import load_config
+from ..errors import UserError, run_cli
+from ..fileio import atomic_file, write_json
+from ..prepare import read_prepared
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}"
+
+
+def bench_inference(student: Path, onnx_dir: Path, teacher: str, prompts: list[str], batches: tuple[int, ...],
+                    repeats: int, teacher_steps: int = 25, guidance: float = 4.5) -> dict:
+    """Latency (s per batch) and images/s of: ONNX fp32/fp16, PyTorch student, teacher N steps + CFG."""
+    from ..infer import generate as ort_generate
+    from ..infer import load_artifact
+    from ..onestep import generate as torch_generate
+    from ..teacher import alphas_cumprod, load_pipeline
+
+    student_pipe, teacher_pipe = load_pipeline(str(student)), load_pipeline(teacher)
+    abar = alphas_cumprod(student_pipe)
+    arts = {p: load_artifact(onnx_dir, p, "auto") for p in ("fp32", "fp16")}
+    rows: dict[str, dict] = {}
+    for b in batches:
+        ps, seeds = (prompts * b)[:b], list(range(b))
+        runs = {
+            f"onnx_fp32_b{b}": lambda: list(ort_generate(arts["fp32"], ps, seeds, b)),
+            f"onnx_fp16_b{b}": lambda: list(ort_generate(arts["fp16"], ps, seeds, b)),
+            f"torch_student_b{b}": lambda: torch_generate(student_pipe, student_pipe.unet, ps, seeds, abar, b),
+            f"teacher_{teacher_steps}_b{b}": lambda: teacher_pipe(
+                ps, num_inference_steps=teacher_steps, guidance_scale=guidance, output_type="np",
+                generator=[torch.Generator().manual_seed(s) for s in seeds]),
+        }
+        for name, fn in runs.items():
+            with torch.inference_mode():
+                t = timed(fn, repeats if "teacher" not in name else max(1, repeats // 2))
+            rows[name] = {"batch": b, "latency_s": round(t, 5), "images_per_s": round(b / t, 2)}
+    rows["provider"] = arts["fp32"].provider
+    return rows
+
+
+def bench_distill(steps: int) -> dict:
+    """Steps/s, samples/s and peak memory of the default distillation (params.yaml), on scratch folders."""
+    from ..distill import Paths, distill
+
+    cfg = load_config()
+    d = cfg.distill.model_copy(update={"steps": steps, "val_every": 10**9, "checkpoint_every": 10**9})
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        r = distill(d, cfg.lr, cfg.seed, Paths(eval_prompts=tmp / "none.jsonl", checkpoints=tmp / "ck",
+                                               student=tmp / "student", reports=tmp / "rep"))
+    return {"distill_steps_per_s": r["steps_per_s"], "distill_samples_per_s": r["samples_per_s"],
+            "distill_peak_memory_mb": r["peak_memory_mb"], "distill_batch_size": d.batch_size,
+            "distill_bench_steps": steps}
+
+
+def report(b: dict, big: int) -> str:
+    inf = b["inference"]
+    lines = [f"# Speed benchmark ({b['machine']})", "",
+             f"`python -m src.bench`, {b['date']}. Median of repeats after a warm-up. ONNX Runtime provider: "
+             f"{inf['provider']}.", "",
+             "| generator | batch | latency (s / batch) | images / s |", "|---|---|---|---|"]
+    for name, row in inf.items():
+        if isinstance(row, dict):
+            lines.append(f"| {name.rsplit('_b', 1)[0]} | {row['batch']} | {row['latency_s']:.4f} | "
+                         f"{row['images_per_s']:.1f} |")
+    lines += ["", "| headline | value |", "|---|---|",
+              f"| one-step (ONNX fp32) vs teacher 25 steps + CFG, images/s at batch {big} | "
+              f"**{b['speedup_one_step_vs_teacher_25']:.0f}x** |",
+              f"| same at batch 1 (latency) | {b['speedup_one_step_vs_teacher_25_b1']:.0f}x |",
+              f"| ONNX Runtime fp32 vs PyTorch student, batch {big} | {b['ort_vs_torch_speedup']:.2f}x |",
+              f"| ONNX Runtime fp32 vs PyTorch student, batch 1 | {b['ort_vs_torch_speedup_b1']:.2f}x |",
+              f"| distillation steps/s (batch {b['distill_batch_size']}) | {b['distill_steps_per_s']:.2f} |",
+              f"| distillation samples/s | {b['distill_samples_per_s']:.1f} |",
+              f"| distillation peak memory (MB) | {b['distill_peak_memory_mb']:.0f} |", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
+    parser.add_argument("--batch", type=int, default=64, help="the larger batch size (default 64)")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench"))
+    args = parser.parse_args(argv)
+    for needed, stage in ((Path("models/student/model_index.json"), "distill"),
+                          (Path("models/onnx/fp32/model.onnx"), "export")):
+        if not needed.is_file():
+            raise UserError(f"{needed} not found: run `dvc repro {stage}` first")
+    cfg = load_config()
+    prompts = [r["prompt"] for r in read_prepared(Path("prompts/eval.jsonl"), 64)]
+    repeats = 3 if args.quick else 10
+    inf = bench_inference(Path("models/student"), Path("models/onnx"), cfg.distill.teacher, prompts,
+                          (1, args.batch), repeats, cfg.evaluate.teacher_steps, cfg.evaluate.guidance_scale)
+    big, t = args.batch, cfg.evaluate.teacher_steps
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "inference": inf,
+              "speedup_one_step_vs_teacher_25": inf[f"onnx_fp32_b{big}"]["images_per_s"]
+              / inf[f"teacher_{t}_b{big}"]["images_per_s"],
+              "speedup_one_step_vs_teacher_25_b1": inf[f"teacher_{t}_b1"]["latency_s"] / inf["onnx_fp32_b1"]["latency_s"],
+              "ort_vs_torch_speedup": inf[f"onnx_fp32_b{big}"]["images_per_s"]
+              / inf[f"torch_student_b{big}"]["images_per_s"],
+              "ort_vs_torch_speedup_b1": inf["torch_student_b1"]["latency_s"] / inf["onnx_fp32_b1"]["latency_s"],
+              **bench_distill(20 if args.quick else 60)}
+    write_json(args.out / "bench.json", result)
+    with atomic_file(args.out / "README.md") as f:
+        f.write(report(result, big))
+    print(report(result, big))
+
+
+if __name__ == "__main__":
+    run_cli(main)
