@@ -93,6 +93,8 @@ class DistillConfig(Section):
     guidance_scale: float = Field(4.5, ge=1.0, le=50.0, description="CFG on teacher and LoRA teacher (paper: 4.5)")
     t_min: int = Field(20, ge=0, le=999, description="VSD timestep range, low end (paper: 20)")
     t_max: int = Field(980, ge=0, le=999, description="VSD timestep range, high end (paper: 980)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="student lr over the run: constant (paper) or cosine down to lr / 10")
     lora_updates: int = Field(1, ge=1, le=100, description="LoRA-teacher updates per student update (paper: 1)")
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="LoRA-teacher prompt dropout (paper: 0.1)")
     reduction: Literal["mean", "sum_over_batch"] = Field("mean", description="VSD loss reduction (official: mean)")

@@ -19,6 +19,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -69,9 +70,19 @@ def batch_indices(n_prompts: int, batch: int, step: int, rank: int, world: int, 
 
 def fingerprint(cfg: DistillConfig, lr: float, seed: int) -> str:
     """What must match for a checkpoint to be resumed (everything that changes the trajectory)."""
-    keep = cfg.model_dump(exclude={"steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every"})
+    ignore = {"checkpoint_every", "keep_checkpoints", "log_every", "val_every"}
+    if cfg.lr_schedule == "constant":
+        ignore.add("steps")          # a longer constant-lr run continues the same trajectory
+    keep = cfg.model_dump(exclude=ignore)
     text = json.dumps({"distill": keep, "lr": lr, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def student_lr(base: float, step: int, total: int, schedule: str) -> float:
+    """The student's learning rate at `step`: constant (paper) or cosine from `base` down to base / 10."""
+    if schedule == "constant":
+        return base
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / max(total, 1))))
 
 
 def lora_state(unet) -> dict[str, torch.Tensor]:
@@ -168,6 +179,10 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         cond = encode_prompts(pipe, [prompts[i] for i in idx], device)                 # (B, 77, D)
         z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], shape).to(device)
 
+        lr_now = student_lr(lr, step, cfg.steps, cfg.lr_schedule)
+        for group in opt_student.param_groups:
+            group["lr"] = lr_now
+
         # 1-2. student update: VSD gradient through x0 = f(student(z, T-1, c))
         with acc.autocast():
             x0 = student_x0(student, z, cond, abar, prediction)                         # (B, 4, h, w)
@@ -204,7 +219,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
             dt = time.perf_counter() - t_log
             row = {"loss_vsd": loss_vsd.item(), "loss_lora": loss_lora.item(), "grad_norm_student": float(gnorm_s),
-                   "grad_norm_lora": float(gnorm_l), "vsd_grad_norm": float(stats["vsd_grad_norm"]), "lr": lr,
+                   "grad_norm_lora": float(gnorm_l), "vsd_grad_norm": float(stats["vsd_grad_norm"]), "lr": lr_now,
                    "lora_lr": cfg.lora_lr, "steps_per_s": cfg.log_every / dt if dt else 0.0,
                    "samples_per_s": samples_seen / dt if dt else 0.0, "skipped_steps": skipped}
             t_log, samples_seen = time.perf_counter(), 0

@@ -61,6 +61,19 @@ def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tm
     assert diff > 0
 
 
+def test_student_lr_schedules():
+    from src.distill import fingerprint, student_lr
+
+    assert [student_lr(1e-5, s, 100, "constant") for s in (0, 50, 99)] == [1e-5] * 3
+    cos = [student_lr(1e-5, s, 100, "cosine") for s in range(101)]
+    assert cos[0] == pytest.approx(1e-5) and cos[100] == pytest.approx(1e-6) and cos[50] == pytest.approx(5.5e-6)
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+    # With a cosine schedule the total length shapes the trajectory, so it is part of the resume key.
+    short, long = DistillConfig(steps=10, lr_schedule="cosine"), DistillConfig(steps=20, lr_schedule="cosine")
+    assert fingerprint(short, 1e-5, 0) != fingerprint(long, 1e-5, 0)
+    assert fingerprint(DistillConfig(steps=10), 1e-5, 0) == fingerprint(DistillConfig(steps=20), 1e-5, 0)
+
+
 def test_batches_are_sharded_and_wrap_without_dropping_a_tail():
     n = 10
     one = [batch_indices(n, 4, s, 0, 1, seed=0) for s in range(5)]          # 20 draws = 2 epochs
