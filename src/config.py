@@ -257,6 +257,25 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
 
 
+def stage_config(doc: str, section: str, argv: list[str] | None = None, extra_args=None,
+                 top_level: tuple[str, ...] = ()) -> tuple[Config | None, argparse.Namespace]:
+    """The CLI every stage shares: --params, --set, --dry-run (+ `extra_args(parser)`).
+
+    Returns (config, args), or (None, args) after a dry run printed the stage's section
+    (preceded by the `top_level` keys it also reads).
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    if extra_args is not None:
+        extra_args(parser)
+    args = parser.parse_args(argv)
+    config = load_config(args.params, args.overrides)
+    if args.dry_run:
+        print("".join(f"{k}: {getattr(config, k)}\n" for k in top_level) + dump(getattr(config, section)), end="")
+        return None, args
+    return config, args
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Validate params.yaml and print the resolved configuration.")
     add_config_args(parser)

@@ -15,7 +15,6 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import Config, DistillConfig, add_config_args, dump, load_config
+from .config import DistillConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
 from .onestep import generate, initial_noise, student_x0
@@ -339,12 +338,8 @@ def validate(pipe, student, records: list[dict], abar: torch.Tensor) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    config: Config = load_config(args.params, args.overrides)
-    if args.dry_run:
-        print(f"lr: {config.lr}\n" + dump(config.distill), end="")
+    config, _ = stage_config(__doc__, "distill", argv, top_level=("lr",))
+    if config is None:
         return
     result = distill(config.distill, config.lr, config.seed)
     if "final" in result:

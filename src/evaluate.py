@@ -15,7 +15,6 @@ reports/eval/grid.png.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -29,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .config import Config, EvaluateConfig, add_config_args, dump, load_config
+from .config import EvaluateConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_file, write_json
 from .figures import sample_grid
@@ -253,12 +252,8 @@ def report(metrics: dict, n: int, cfg: EvaluateConfig, timings: dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    config: Config = load_config(args.params, args.overrides)
-    if args.dry_run:
-        print(dump(config.evaluate), end="")
+    config, _ = stage_config(__doc__, "evaluate", argv)
+    if config is None:
         return
     metrics = evaluate(config.evaluate, config.distill.teacher)
     for name, m in metrics.items():

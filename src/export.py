@@ -22,7 +22,6 @@ artifacts load and run on the CPU provider as well as on CUDA.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import warnings
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, ExportConfig, add_config_args, dump, load_config
+from .config import ExportConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
 from .noise import initial_noise
@@ -274,12 +273,8 @@ Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    config: Config = load_config(args.params, args.overrides)
-    if args.dry_run:
-        print(dump(config.export), end="")
+    config, _ = stage_config(__doc__, "export", argv)
+    if config is None:
         return
     m = export(config.export)
     print(f"export: fp32 {m['psnr_fp32']:.1f} dB (max err {m['max_abs_err_fp32']:.1e}), "

@@ -27,7 +27,7 @@ from typing import IO, Iterable, Iterator
 
 from tqdm import tqdm
 
-from .config import Config, PrepareConfig, SourceConfig, WorldConfig, add_config_args, dump, load_config
+from .config import PrepareConfig, SourceConfig, WorldConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_file, write_json
 from .world.scene import caption, sample_scene
@@ -383,14 +383,12 @@ def read_prepared(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--out-dir", type=Path, default=Path("prompts"), help="where the JSONL files go")
-    parser.add_argument("--stats", type=Path, default=Path("reports/prompts.json"), help="stats JSON path")
-    args = parser.parse_args(argv)
-    config: Config = load_config(args.params, args.overrides)
-    if args.dry_run:
-        print(dump(config.prepare), end="")
+    def outputs(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out-dir", type=Path, default=Path("prompts"), help="where the JSONL files go")
+        parser.add_argument("--stats", type=Path, default=Path("reports/prompts.json"), help="stats JSON path")
+
+    config, args = stage_config(__doc__, "prepare", argv, outputs)
+    if config is None:
         return
     results = prepare(config.prepare, config.world, config.seed, args.out_dir, args.stats)
     for name, s in results.items():
