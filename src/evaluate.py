@@ -34,6 +34,7 @@ from .fileio import atomic_file, write_json
 from .figures import sample_grid
 from .metrics import (COCO_SIZE, center_crop_resize, clip_paths, clip_score, file_listing_key, folder_stats,
                       frechet, judge, load_clip, load_inception, world_fid)
+from .noise import CONVENTION, initial_noise
 from .prepare import read_prepared
 
 
@@ -110,10 +111,14 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
     student = load_pipeline(str(student_dir))
     abar = alphas_cumprod(teacher)
 
+    shape = (teacher.unet.config.in_channels,) + (teacher.unet.config.sample_size,) * 2
+
     def teacher_gen(steps: int) -> Generator:
+        # The same seed -> noise convention as the student (src/noise.py): the teacher and the
+        # student start every prompt from the same latent (the pipeline scales it by init_noise_sigma).
         def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
             out = teacher(prompts, num_inference_steps=steps, guidance_scale=cfg.guidance_scale, output_type="np",
-                          generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+                          latents=torch.from_numpy(initial_noise(seeds, shape))).images
             return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
         return run
 
@@ -142,9 +147,9 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     generators = make_generators(cfg, teacher_dir, paths.student, cfg.batch_size)
     prompts_digest = tree_digest(paths.eval_prompts, cfg.limit, cfg.mode)
     teacher_digest = tree_digest(teacher_dir)
-    made_by = {"teacher_1": (teacher_digest, 1, cfg.guidance_scale),
-               f"teacher_{cfg.teacher_steps}": (teacher_digest, cfg.teacher_steps, cfg.guidance_scale),
-               "student_1": (tree_digest(paths.student),)}
+    made_by = {"teacher_1": (teacher_digest, 1, cfg.guidance_scale, CONVENTION),
+               f"teacher_{cfg.teacher_steps}": (teacher_digest, cfg.teacher_steps, cfg.guidance_scale, CONVENTION),
+               "student_1": (tree_digest(paths.student), CONVENTION)}
     transform = center_crop_resize if cfg.mode == "coco" else None
     timings: dict[str, float] = {}
     for name, gen in generators.items():

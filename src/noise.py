@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+CONVENTION = "numpy-default_rng-standard_normal-float32"   # part of every cached image's fingerprint
+
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
     """(B, *shape) float32 standard normal noise; row i from np.random.default_rng(seeds[i])."""
