@@ -95,6 +95,8 @@ class DistillConfig(Section):
     t_max: int = Field(980, ge=0, le=999, description="VSD timestep range, high end (paper: 980)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="student lr over the run: constant (paper) or cosine down to lr / 10")
+    lora_weighting: Literal["abar", "uniform"] = Field(
+        "abar", description="LoRA-teacher epsilon-MSE weight per timestep: abar_t (official code) or uniform")
     lora_updates: int = Field(1, ge=1, le=100, description="LoRA-teacher updates per student update (paper: 1)")
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="LoRA-teacher prompt dropout (paper: 0.1)")
     reduction: Literal["mean", "sum_over_batch"] = Field("mean", description="VSD loss reduction (official: mean)")

@@ -372,8 +372,9 @@ def prepare(cfg: PrepareConfig, world: WorldConfig, seed: int, out_dir: Path,
     return results
 
 
-def read_prepared(path: Path, limit: int | None = None) -> list[dict]:
+def read_prepared(path: str | Path, limit: int | None = None) -> list[dict]:
     """Records of a prepared prompts file (this stage's output), the first `limit` if given."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: not found (run `dvc repro prepare` first)")
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

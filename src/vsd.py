@@ -156,6 +156,7 @@ class LoRALoss:
 
     p_uncond: float = 0.1                # paper: 0.1
     prediction_type: PredictionType = "epsilon"
+    weighting: Literal["abar", "uniform"] = "abar"   # official code: abar_t; uniform = plain DDPM loss
 
     def __call__(self, unet, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
@@ -171,5 +172,6 @@ class LoRALoss:
             out = unet(x_t, t, encoder_hidden_states=emb).sample
         eps_pred = eps_from_output(x_t, out, abar_t, self.prediction_type)
         per_sample = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * abar_t.float()).mean()
+        weight = abar_t.float() if self.weighting == "abar" else torch.ones_like(per_sample)
+        loss = (per_sample * weight).mean()
         return loss, {"loss_lora": loss.detach()}

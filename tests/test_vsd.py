@@ -180,3 +180,7 @@ def test_lora_loss_is_abar_weighted_epsilon_mse_with_prompt_dropout(schedule):
         pred = unet(x_t, t, encoder_hidden_states=emb).sample
     expected = (((pred - eps) ** 2).mean(dim=(1, 2, 3)) * a).mean()
     assert torch.allclose(loss, expected, rtol=1e-5)
+    # The uniform option (plain DDPM loss) drops only the abar_t weight.
+    uniform, _ = LoRALoss(p_uncond=0.5, weighting="uniform")(unet, x0, cond, uncond, schedule.alphas_cumprod,
+                                                             torch.Generator().manual_seed(9))
+    assert torch.allclose(uniform, ((pred - eps) ** 2).mean(), rtol=1e-5)
