@@ -24,6 +24,8 @@ from .errors import UserError, run_cli
 from .fileio import atomic_file
 from .noise import initial_noise
 
+OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                "all": "ORT_ENABLE_ALL"}   # names of ort.GraphOptimizationLevel
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -38,7 +40,10 @@ class Artifact:
     precision: str
 
 
-def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto") -> Artifact:
+def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto", optimization: str = "all",
+                  threads: int = 0) -> Artifact:
+    """Open an export folder. `optimization`: ONNX Runtime graph optimisation level (disable, basic,
+    extended, all); `threads`: intra-op threads on CPU (0 = ONNX Runtime's default, one per core)."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
@@ -50,6 +55,8 @@ def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto")
     ort.set_default_logger_severity(4)          # no provider-bridge noise on machines without CUDA
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[optimization])
+    opts.intra_op_num_threads = threads
     wanted = PROVIDERS["cuda"] if provider in ("auto", "cuda") else PROVIDERS["cpu"]
     wanted = [p for p in wanted if p in ort.get_available_providers()]
     session = ort.InferenceSession(str(graph), opts, providers=wanted)

@@ -74,6 +74,20 @@ def bench_inference(student: Path, onnx_dir: Path, teacher: str, prompts: list[s
     return rows
 
 
+def bench_ort_options(onnx_dir: Path, prompts: list[str], batch: int, repeats: int) -> dict:
+    """images/s of the fp32 graph under each graph optimisation level and CPU thread count."""
+    from ..infer import OPTIMIZATION, generate, load_artifact
+
+    ps, seeds = (prompts * batch)[:batch], list(range(batch))
+    out = {}
+    for threads in (1, 0):
+        for level in OPTIMIZATION:
+            art = load_artifact(onnx_dir, "fp32", "cpu", optimization=level, threads=threads)
+            t = timed(lambda: list(generate(art, ps, seeds, batch)), repeats)
+            out[f"{level}_threads{threads or 'all'}"] = round(batch / t, 1)
+    return out
+
+
 def bench_distill(steps: int) -> dict:
     """Steps/s, samples/s and peak memory of the default distillation (params.yaml), on scratch folders."""
     from ..distill import Paths, distill
@@ -107,7 +121,13 @@ def report(b: dict, big: int) -> str:
               f"| ONNX Runtime fp32 vs PyTorch student, batch 1 | {b['ort_vs_torch_speedup_b1']:.2f}x |",
               f"| distillation steps/s (batch {b['distill_batch_size']}) | {b['distill_steps_per_s']:.2f} |",
               f"| distillation samples/s | {b['distill_samples_per_s']:.1f} |",
-              f"| distillation peak memory (MB) | {b['distill_peak_memory_mb']:.0f} |", ""]
+              f"| distillation peak memory (MB) | {b['distill_peak_memory_mb']:.0f} |", "",
+              f"ONNX Runtime session options, fp32 graph on CPU, images/s at batch {big} (`infer.load_artifact`):", "",
+              "| graph optimisation | 1 thread | all cores |", "|---|---|---|"]
+    opts = b["ort_options"]
+    for level in ("disable", "basic", "extended", "all"):
+        lines.append(f"| {level} | {opts[f'{level}_threads1']} | {opts[f'{level}_threadsall']} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -134,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
               "ort_vs_torch_speedup": inf[f"onnx_fp32_b{big}"]["images_per_s"]
               / inf[f"torch_student_b{big}"]["images_per_s"],
               "ort_vs_torch_speedup_b1": inf["torch_student_b1"]["latency_s"] / inf["onnx_fp32_b1"]["latency_s"],
+              "ort_options": bench_ort_options(Path("models/onnx"), prompts, big, repeats),
               **bench_distill(20 if args.quick else 60)}
     write_json(args.out / "bench.json", result)
     with atomic_file(args.out / "README.md") as f:
