@@ -168,8 +168,8 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
             folder = ref_dir if name == "ground_truth" else paths.images / name
             imgs = load_folder(folder, records)
             fid = {} if name == "ground_truth" else {"fid": world_fid(folder, ref_dir, scorer.model)}
-            metrics[name] = {**fid, "clip_score": clip_score(scorer, image_batches(folder, records, 256)),
-                             **judge(imgs, records)}
+            batches = [(list(imgs[i:i + 256]), prompts[i:i + 256]) for i in range(0, len(imgs), 256)]
+            metrics[name] = {**fid, "clip_score": clip_score(scorer, batches), **judge(imgs, records)}
         reference = load_folder(ref_dir, records[:cfg.grid_rows])
     else:
         inception = load_inception(cfg.coco.inception, device)

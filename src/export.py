@@ -35,7 +35,8 @@ from .config import ExportConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
 from .noise import initial_noise
-from .onestep import decode, student_x0
+from .onestep import decode, student_timestep, student_x0
+from .teacher import alphas_cumprod, load_pipeline
 from .prepare import read_prepared
 
 TWO_GB = 2 * 1024**3
@@ -54,8 +55,6 @@ class OneStepGraph(torch.nn.Module):
 
     def __init__(self, pipe):
         super().__init__()
-        from .teacher import alphas_cumprod
-
         self.text_encoder, self.unet, self.vae = pipe.text_encoder, pipe.unet, pipe.vae
         self.register_buffer("abar", alphas_cumprod(pipe), persistent=False)
         self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
@@ -76,7 +75,7 @@ def contract(pipe) -> dict:
         "max_length": tok.model_max_length,
         "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
         "latent_shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size],
-        "timestep": int(len(OneStepGraph(pipe).abar) - 1),
+        "timestep": student_timestep(alphas_cumprod(pipe)),
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
         "noise": "sample i: numpy.random.default_rng(seed_i).standard_normal(latent_shape, dtype=float32)",
     }
@@ -191,8 +190,6 @@ def parity(pipe, files: dict[str, Path], prompts: list[str], seeds: list[int]) -
 
 def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
     """Write models/onnx (fp32/, fp16/, tokenizer.json, onestep.json, README.md) and the parity report."""
-    from .teacher import load_pipeline
-
     if not (paths.student / "model_index.json").is_file():
         raise UserError(f"{paths.student}: no student pipeline (run `dvc repro distill` first)")
     pipe = load_pipeline(str(paths.student))

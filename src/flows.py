@@ -40,8 +40,7 @@ from .fileio import atomic_dir
 
 METRIC_FILES = ("reports/eval/metrics.json", "reports/export/metrics.json", "reports/distill/metrics.json")
 ARTIFACT = "models/onnx"
-TRANSIENT = ("Unable to acquire lock", "lock is held", "Resource temporarily unavailable", "Connection reset",
-             "No space left")   # not transient really, but an operator may free space between retries
+TRANSIENT = ("Unable to acquire lock", "lock is held", "Resource temporarily unavailable", "Connection reset")
 
 
 class StageFailed(RuntimeError):
