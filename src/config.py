@@ -144,7 +144,7 @@ class EvaluateConfig(Section):
         if self.mode == "coco":
             unset = [f"coco.{k}" for k in ("images", "inception", "clip") if not getattr(self.coco, k)]
             if unset:
-                raise ValueError(f"mode 'coco' needs {', '.join(unset)} (local paths; see recipes/coco30k.yaml)")
+                raise ValueError(f"mode 'coco' needs {', '.join(unset)} (local paths; see the evaluate section of recipes/sd21-base.yaml)")
         return self
 
 

@@ -33,7 +33,7 @@ from .errors import UserError, run_cli
 from .fileio import atomic_file, write_json
 from .figures import sample_grid
 from .metrics import (COCO_SIZE, center_crop_resize, clip_paths, clip_score, file_listing_key, folder_stats,
-                      frechet, judge, load_clip, load_inception, world_fid)
+                      frechet, judge, load_clip, load_inception, world_stats)
 from .noise import CONVENTION, initial_noise
 from .prepare import read_prepared
 
@@ -164,10 +164,11 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
         ref_dir = paths.images / "reference"
         _render_references(ref_dir, records, scorer.model.config.vision_config.image_size,
                            tree_digest("reference", prompts_digest))
+        ref_stats = world_stats(ref_dir, scorer.model)          # once, for every generator
         for name in [*generators, "ground_truth"]:
             folder = ref_dir if name == "ground_truth" else paths.images / name
             imgs = load_folder(folder, records)
-            fid = {} if name == "ground_truth" else {"fid": world_fid(folder, ref_dir, scorer.model)}
+            fid = {} if name == "ground_truth" else {"fid": frechet(world_stats(folder, scorer.model), ref_stats)}
             batches = [(list(imgs[i:i + 256]), prompts[i:i + 256]) for i in range(0, len(imgs), 256)]
             metrics[name] = {**fid, "clip_score": clip_score(scorer, batches), **judge(imgs, records)}
         reference = load_folder(ref_dir, records[:cfg.grid_rows])

@@ -96,12 +96,15 @@ def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) 
     return float(fid.frechet_distance(a[0], a[1], b[0], b[1]))
 
 
+def world_stats(folder: Path, clip, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Feature statistics in the evaluator's space (images stay at the world resolution)."""
+    return folder_stats(folder, EvaluatorFeatures(clip), device=torch.device("cpu"), resize=_identity,
+                        batch_size=batch_size)
+
+
 def world_fid(gen_dir: Path, ref_dir: Path, clip, batch_size: int = 128) -> float:
-    """FID in the evaluator's feature space (images stay at the world resolution)."""
-    feats = EvaluatorFeatures(clip)
-    cpu = torch.device("cpu")
-    return frechet(folder_stats(gen_dir, feats, device=cpu, resize=_identity, batch_size=batch_size),
-                   folder_stats(ref_dir, feats, device=cpu, resize=_identity, batch_size=batch_size))
+    """FID in the evaluator's feature space."""
+    return frechet(world_stats(gen_dir, clip, batch_size), world_stats(ref_dir, clip, batch_size))
 
 
 def _identity(x):
