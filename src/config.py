@@ -91,11 +91,13 @@ class DistillConfig(Section):
     lora_alpha: float = Field(108.0, gt=0.0, description="LoRA alpha (paper: 108)")
     lora_targets: list[str] = Field(["to_q", "to_v"], min_length=1, description="attention projections (paper)")
     guidance_scale: float = Field(4.5, ge=1.0, le=50.0, description="CFG on teacher and LoRA teacher (paper: 4.5)")
+    lora_guidance_scale: float | None = Field(
+        None, ge=1.0, le=50.0, description="CFG on the LoRA teacher; null = guidance_scale (paper)")
     t_min: int = Field(20, ge=0, le=999, description="VSD timestep range, low end (paper: 20)")
     t_max: int = Field(980, ge=0, le=999, description="VSD timestep range, high end (paper: 980)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="student lr over the run: constant (paper) or cosine down to lr / 10")
-    lora_weighting: Literal["abar", "uniform"] = Field(
+    lora_weighting: Literal["abar", "uniform", "x0", "inv_abar"] = Field(
         "abar", description="LoRA-teacher epsilon-MSE weight per timestep: abar_t (official code) or uniform")
     lora_updates: int = Field(1, ge=1, le=100, description="LoRA-teacher updates per student update (paper: 1)")
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="LoRA-teacher prompt dropout (paper: 0.1)")

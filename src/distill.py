@@ -137,7 +137,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     opt_student = torch.optim.Adam(student.parameters(), lr=lr)
     opt_lora = torch.optim.Adam(lora_params, lr=cfg.lora_lr)
     ema = EMAModel(student.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
-    vsd_loss = VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction)
+    vsd_loss = VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale)
     lora_loss = LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting)
     uncond = encode_prompts(pipe, [""], device)                                        # (1, 77, D)
 

@@ -126,10 +126,12 @@ class VSDLoss:
     t_max: int = 980
     reduction: Reduction = "mean"        # official SwiftBrush code
     prediction_type: PredictionType = "epsilon"
+    lora_guidance_scale: float | None = None   # None: guidance_scale (paper); ProlificDreamer uses 1.0
 
     def __call__(self, unet, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
         b = x0.shape[0]
+        lora_scale = self.guidance_scale if self.lora_guidance_scale is None else self.lora_guidance_scale
         t = torch.randint(self.t_min, self.t_max + 1, (b,), generator=generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         abar_t = alphas_cumprod.to(x0.device)[t]
@@ -139,11 +141,16 @@ class VSDLoss:
                 eps_teacher = guided_eps(unet, x_t, t, abar_t, cond, uncond, self.guidance_scale,
                                          self.prediction_type)
             with adapters(unet, enabled=True):
-                eps_lora = guided_eps(unet, x_t, t, abar_t, cond, uncond, self.guidance_scale,
+                eps_lora = guided_eps(unet, x_t, t, abar_t, cond, uncond, lora_scale,
                                       self.prediction_type)
             grad = vsd_grad(eps_teacher.float(), eps_lora.float(), abar_t)
         loss = surrogate_loss(x0.float(), grad, self.reduction)
         return loss, {"loss_vsd": loss.detach(), "vsd_grad_norm": grad.norm() / b ** 0.5}
+
+
+def lora_weight(abar_t: torch.Tensor, weighting: str) -> torch.Tensor:
+    a = abar_t
+    return {"abar": a, "uniform": torch.ones_like(a), "x0": (1 - a) / a, "inv_abar": 1 / a}[weighting]
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ class LoRALoss:
 
     p_uncond: float = 0.1                # paper: 0.1
     prediction_type: PredictionType = "epsilon"
-    weighting: Literal["abar", "uniform"] = "abar"   # official code: abar_t; uniform = plain DDPM loss
+    weighting: Literal["abar", "uniform", "x0", "inv_abar"] = "abar"   # official code: abar_t; uniform = plain DDPM loss
 
     def __call__(self, unet, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
@@ -172,6 +179,6 @@ class LoRALoss:
             out = unet(x_t, t, encoder_hidden_states=emb).sample
         eps_pred = eps_from_output(x_t, out, abar_t, self.prediction_type)
         per_sample = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").mean(dim=(1, 2, 3))
-        weight = abar_t.float() if self.weighting == "abar" else torch.ones_like(per_sample)
+        weight = lora_weight(abar_t.float(), self.weighting)
         loss = (per_sample * weight).mean()
         return loss, {"loss_lora": loss.detach()}

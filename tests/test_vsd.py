@@ -91,7 +91,7 @@ def test_disabled_adapters_reproduce_the_teacher_exactly():
     assert not torch.allclose(on, expected, atol=1e-4)  # the adapter does something when on
 
 
-def _manual_vsd_grad(unet, x0, cond, uncond, abar, scale, seed, t_min=20, t_max=980):
+def _manual_vsd_grad(unet, x0, cond, uncond, abar, scale, seed, t_min=20, t_max=980, lora_scale=None):
     """The VSD gradient computed the long way: separate cond/uncond calls, same random draws."""
     g = torch.Generator().manual_seed(seed)
     b = x0.shape[0]
@@ -100,12 +100,12 @@ def _manual_vsd_grad(unet, x0, cond, uncond, abar, scale, seed, t_min=20, t_max=
     a = abar[t].reshape(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     with torch.no_grad():
-        def guided(enabled):
+        def guided(enabled, w):
             with adapters(unet, enabled):
                 e_u = unet(x_t, t, encoder_hidden_states=uncond.expand_as(cond)).sample
                 e_c = unet(x_t, t, encoder_hidden_states=cond).sample
-            return e_u + scale * (e_c - e_u)
-        return (1 - a) * (guided(False) - guided(True))
+            return e_u + w * (e_c - e_u)
+        return (1 - a) * (guided(False, scale) - guided(True, scale if lora_scale is None else lora_scale))
 
 
 @pytest.mark.parametrize("reduction, denom", [("mean", "numel"), ("sum_over_batch", "batch")])
@@ -125,6 +125,22 @@ def test_student_gradient_is_the_vsd_gradient(schedule, reduction, denom):
     assert "loss_vsd" in stats
     # The frozen teacher and the LoRA teacher receive no gradient from the student loss.
     assert all(p.grad is None for p in unet.parameters())
+
+
+def test_lora_teacher_guidance_can_differ_from_the_teacher_s(schedule):
+    """lora_guidance_scale=1: the LoRA teacher's score is its conditional branch alone (ProlificDreamer)."""
+    unet = with_lora(tiny_unet())
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(2, 4, 8, 8, generator=g).requires_grad_(True)
+    cond, uncond = torch.randn(2, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    loss, _ = VSDLoss(guidance_scale=4.5, reduction="sum_over_batch", lora_guidance_scale=1.0)(
+        unet, x0, cond, uncond, schedule.alphas_cumprod, torch.Generator().manual_seed(3))
+    loss.backward()
+    expected = _manual_vsd_grad(unet, x0.detach(), cond, uncond, schedule.alphas_cumprod, 4.5, seed=3,
+                                lora_scale=1.0) / 2
+    same_scale = _manual_vsd_grad(unet, x0.detach(), cond, uncond, schedule.alphas_cumprod, 4.5, seed=3) / 2
+    assert torch.allclose(x0.grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert not torch.allclose(x0.grad, same_scale, rtol=1e-2)
 
 
 def test_gradient_is_zero_when_teacher_and_lora_teacher_agree(schedule):
