@@ -97,8 +97,14 @@ class DistillConfig(Section):
     t_max: int = Field(980, ge=0, le=999, description="VSD timestep range, high end (paper: 980)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="student lr over the run: constant (paper) or cosine down to lr / 10")
-    lora_weighting: Literal["abar", "uniform", "x0", "inv_abar"] = Field(
+    lora_weighting: Literal["abar", "uniform"] = Field(
         "abar", description="LoRA-teacher epsilon-MSE weight per timestep: abar_t (official code) or uniform")
+    clip_model: str | None = Field(
+        None, description="SwiftBrush v2 clamped CLIP loss: a transformers CLIP folder (not the evaluator); null = off")
+    clip_weight: float = Field(0.1, ge=0.0, description="CLIP-loss weight at step 0 (v2: 0.1)")
+    clip_tau: float = Field(0.35, ge=-1.0, le=1.0, description="CLIP-loss clamp: no push above this cosine (v2: 0.35)")
+    clip_schedule: Literal["constant", "linear_decay"] = Field(
+        "linear_decay", description="CLIP-loss weight over the run (v2: decayed to 0)")
     lora_updates: int = Field(1, ge=1, le=100, description="LoRA-teacher updates per student update (paper: 1)")
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="LoRA-teacher prompt dropout (paper: 0.1)")
     reduction: Literal["mean", "sum_over_batch"] = Field("mean", description="VSD loss reduction (official: mean)")

@@ -31,7 +31,7 @@ from . import checkpoint
 from .config import DistillConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
-from .onestep import generate, initial_noise, student_x0
+from .onestep import decode, generate, initial_noise, student_x0
 from .prepare import derive_seed, read_prepared
 from .teacher import alphas_cumprod, encode_prompts, load_pipeline
 from .vsd import LoRALoss, VSDLoss
@@ -70,8 +70,8 @@ def batch_indices(n_prompts: int, batch: int, step: int, rank: int, world: int, 
 def fingerprint(cfg: DistillConfig, lr: float, seed: int) -> str:
     """What must match for a checkpoint to be resumed (everything that changes the trajectory)."""
     ignore = {"checkpoint_every", "keep_checkpoints", "log_every", "val_every"}
-    if cfg.lr_schedule == "constant":
-        ignore.add("steps")          # a longer constant-lr run continues the same trajectory
+    if cfg.lr_schedule == "constant" and (cfg.clip_model is None or cfg.clip_schedule == "constant"):
+        ignore.add("steps")          # a longer run without step-dependent schedules continues the same trajectory
     keep = cfg.model_dump(exclude=ignore)
     text = json.dumps({"distill": keep, "lr": lr, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -82,6 +82,11 @@ def student_lr(base: float, step: int, total: int, schedule: str) -> float:
     if schedule == "constant":
         return base
     return base * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / max(total, 1))))
+
+
+def clip_weight(base: float, step: int, total: int, schedule: str) -> float:
+    """The CLIP-loss weight at `step`: constant, or decayed linearly to 0 at the end (SwiftBrush v2)."""
+    return base if schedule == "constant" else base * max(0.0, 1 - step / max(total, 1))
 
 
 def lora_state(unet) -> dict[str, torch.Tensor]:
@@ -140,6 +145,11 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     vsd_loss = VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale)
     lora_loss = LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting)
     uncond = encode_prompts(pipe, [""], device)                                        # (1, 77, D)
+    clip_loss = None
+    if cfg.clip_model is not None:
+        from .clip_loss import load_clip_loss
+
+        clip_loss = load_clip_loss(cfg.clip_model, cfg.clip_tau, device)
 
     # ---- resume
     start, live_step, fp = 0, 0, fingerprint(cfg, lr, seed)
@@ -175,7 +185,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     for step in bar:
         gen = torch.Generator().manual_seed(derive_seed(seed, "distill", rank, step))
         idx = batch_indices(len(prompts), cfg.batch_size, step, rank, world, seed)
-        cond = encode_prompts(pipe, [prompts[i] for i in idx], device)                 # (B, 77, D)
+        batch_prompts = [prompts[i] for i in idx]
+        cond = encode_prompts(pipe, batch_prompts, device)                              # (B, 77, D)
         z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], shape).to(device)
 
         lr_now = student_lr(lr, step, cfg.steps, cfg.lr_schedule)
@@ -186,9 +197,15 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         with acc.autocast():
             x0 = student_x0(student, z, cond, abar, prediction)                         # (B, 4, h, w)
             loss_vsd, stats = vsd_loss(teacher, x0, cond, uncond, abar, gen)
-        acc.backward(loss_vsd)
+            loss_student = loss_vsd
+            w_clip = clip_weight(cfg.clip_weight, step, cfg.steps, cfg.clip_schedule) if clip_loss else 0.0
+            if w_clip > 0:      # v2: clamped CLIP loss on the decoded image, gradient through the frozen VAE
+                loss_c, cstats = clip_loss(decode(pipe.vae, x0), clip_loss.text_features(batch_prompts))
+                loss_student = loss_vsd + w_clip * loss_c
+                stats.update(cstats)
+        acc.backward(loss_student)
         gnorm_s = acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        ok_s = _finite(loss_vsd, gnorm_s)
+        ok_s = _finite(loss_student, gnorm_s)
         _step_or_skip(opt_student, ok_s)
 
         # 3. LoRA-teacher update(s) on the detached student samples (fresh t and noise each)
@@ -221,6 +238,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                    "grad_norm_lora": float(gnorm_l), "vsd_grad_norm": float(stats["vsd_grad_norm"]), "lr": lr_now,
                    "lora_lr": cfg.lora_lr, "steps_per_s": cfg.log_every / dt if dt else 0.0,
                    "samples_per_s": samples_seen / dt if dt else 0.0, "skipped_steps": skipped}
+            if "loss_clip" in stats:
+                row.update(loss_clip=float(stats["loss_clip"]), clip_cos=float(stats["clip_cos"]), clip_weight=w_clip)
             t_log, samples_seen = time.perf_counter(), 0
             for k, v in row.items():
                 live.log_metric(f"train/{k}", v)

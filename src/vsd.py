@@ -148,11 +148,6 @@ class VSDLoss:
         return loss, {"loss_vsd": loss.detach(), "vsd_grad_norm": grad.norm() / b ** 0.5}
 
 
-def lora_weight(abar_t: torch.Tensor, weighting: str) -> torch.Tensor:
-    a = abar_t
-    return {"abar": a, "uniform": torch.ones_like(a), "x0": (1 - a) / a, "inv_abar": 1 / a}[weighting]
-
-
 @dataclass(frozen=True)
 class LoRALoss:
     """LoRA-teacher loss: denoising score matching on the (detached) student samples.
@@ -163,7 +158,7 @@ class LoRALoss:
 
     p_uncond: float = 0.1                # paper: 0.1
     prediction_type: PredictionType = "epsilon"
-    weighting: Literal["abar", "uniform", "x0", "inv_abar"] = "abar"   # official code: abar_t; uniform = plain DDPM loss
+    weighting: Literal["abar", "uniform"] = "abar"   # official code: abar_t; uniform = plain DDPM loss
 
     def __call__(self, unet, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
@@ -179,6 +174,6 @@ class LoRALoss:
             out = unet(x_t, t, encoder_hidden_states=emb).sample
         eps_pred = eps_from_output(x_t, out, abar_t, self.prediction_type)
         per_sample = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").mean(dim=(1, 2, 3))
-        weight = lora_weight(abar_t.float(), self.weighting)
+        weight = abar_t.float() if self.weighting == "abar" else torch.ones_like(per_sample)
         loss = (per_sample * weight).mean()
         return loss, {"loss_lora": loss.detach()}

@@ -62,6 +62,30 @@ def test_evaluator_is_a_clip_model_with_processor(micro_models):
     assert on_disk["config"]["unet_steps"] == MICRO.unet_steps and on_disk["wall_s"]["total"] > 0
 
 
+def test_guide_clip_is_its_own_model_and_can_be_built_alone(micro_models, tmp_path, tokenizer_dir):
+    """models/guide (distill's CLIP loss) is a third CLIP, not the evaluator; --only-guide adds it to a build."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from src.world.build import build_guide
+
+    out, record = micro_models
+    guide = load_file(out / "guide" / "model.safetensors")
+    evaluator = load_file(out / "evaluator" / "model.safetensors")
+    assert guide.keys() == evaluator.keys()
+    assert any(not torch.equal(guide[k], evaluator[k]) for k in guide)     # another seed, other weights
+    assert "guide_clip_retrieval_accuracy" in record["metrics"]
+
+    shutil.copy(out / "build.json", tmp_path / "build.json")
+    again = build_guide(MICRO, tmp_path, tokenizer_dir)
+    assert (tmp_path / "guide" / "model.safetensors").is_file()
+    assert again["config"]["unet_steps"] == MICRO.unet_steps                 # the existing record is kept
+    assert again["wall_s"]["guide_clip"] > 0
+    rebuilt = load_file(tmp_path / "guide" / "model.safetensors")
+    assert all(torch.equal(rebuilt[k], guide[k]) for k in guide)           # same seed, same scenes: same model
+
+
 def test_measure_writes_metrics_table_and_grid(micro_models, tmp_path, tokenizer_dir):
     from src.config import PrepareConfig, SourceConfig, WorldConfig
     from src.prepare import prepare

@@ -8,6 +8,8 @@ Writes, each atomically:
                      + AutoencoderKL + DDIM scheduler), fp16 safetensors, loadable with the stock
                      `StableDiffusionPipeline.from_pretrained`;
   models/evaluator/  a separate tiny CLIPModel + CLIPProcessor (CLIP score and FID features);
+  models/guide/      a third CLIP (own seed), for distill's optional SwiftBrush-v2 CLIP loss: training
+                     never sees the evaluator;
   models/build.json  the build record: command, seeds, steps, wall times, measured numbers.
 
 Order and why: (1) a CLIP trained contrastively on scenes gives the teacher a pretrained,
@@ -69,6 +71,7 @@ class BuildConfig:
     seed: int = 0
     text: ClipSpec = ClipSpec()                                    # teacher's text tower comes from this
     evaluator: ClipSpec = ClipSpec(seed=1)                         # independent evaluator CLIP (own seed)
+    guide: ClipSpec = ClipSpec(seed=2)                             # CLIP for distill's optional CLIP loss
     vae_channels: tuple[int, ...] = (16, 32, 64)                   # 3 levels: downsampling factor 4
     vae_steps: int = 4000
     vae_batch: int = 32
@@ -91,6 +94,7 @@ MICRO = BuildConfig(
     n_scenes=256, n_heldout=32,
     text=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16),
     evaluator=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16, seed=1),
+    guide=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16, seed=2),
     vae_channels=(8, 16, 16), vae_steps=3, vae_batch=8,
     unet_channels=(32, 32, 32), unet_steps=3, unet_batch=8, val_every=3, val_prompts=4,
 )
@@ -360,6 +364,36 @@ def save_evaluator(out: Path, model, tokenizer, resolution: int) -> None:
     model.float()
 
 
+def train_guide(cfg: BuildConfig, data: SceneSet, held: SceneSet, tokenizer, record: dict):
+    """The guide CLIP (distill's CLIP loss), trained like the evaluator with its own seed; retrieval recorded."""
+    guide = train_clip(cfg.guide, data, tokenizer, cfg.resolution, "guide (clip)")
+    rng = random.Random(cfg.seed + 7)
+    prompts = [caption(s, rng) for s in held.scenes]
+    record["metrics"]["guide_clip_retrieval_accuracy"] = retrieval_accuracy(
+        guide, tokenizer, held.images, prompts, [s.attributes() for s in held.scenes])["attributes"]
+    return guide
+
+
+def build_guide(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
+    """Only the guide CLIP (same scenes as the full build), added to an existing out_dir/build.json."""
+    from transformers import CLIPTokenizer
+
+    torch.set_num_threads(cfg.threads)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    path = out_dir / "build.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"config": asdict(cfg), "wall_s": {}, "metrics": {}}
+    record["config"]["guide"] = asdict(cfg.guide)
+    clock = time.perf_counter()
+    data = render_scenes(cfg.n_scenes, cfg.resolution, cfg.seed, cfg.p_size_named)
+    held = render_scenes(cfg.n_heldout, cfg.resolution, cfg.seed + 1000, cfg.p_size_named)
+    guide = train_guide(cfg, data, held, tokenizer, record)
+    save_evaluator(out_dir / "guide", guide, tokenizer, cfg.resolution)
+    record["wall_s"]["guide_clip"] = round(time.perf_counter() - clock, 1)
+    record["guide_command"] = " ".join(["python -m src.world.build", *sys.argv[1:]])
+    write_json(path, record)
+    return record
+
+
 def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
     """Run the whole build; return the build record (also written to out_dir/build.json)."""
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -398,6 +432,9 @@ def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
         text_clip, tokenizer, held.images, held_prompts, held_attrs)["attributes"]
     lap("evaluator_clip")
 
+    guide = train_guide(cfg, data, held, tokenizer, record)
+    lap("guide_clip")
+
     vae = train_vae(cfg, data)
     record["metrics"].update(check_vae(vae, held))
     latents = encode_latents(vae, data.images)
@@ -412,6 +449,7 @@ def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
 
     save_teacher(out_dir / "teacher", tokenizer, text_encoder, vae, unet, tokenizer_dir)
     save_evaluator(out_dir / "evaluator", evaluator, tokenizer, cfg.resolution)
+    save_evaluator(out_dir / "guide", guide, tokenizer, cfg.resolution)
     record["wall_s"]["total"] = round(sum(record["wall_s"].values()), 1)
     write_json(out_dir / "build.json", record)
     return record
@@ -426,10 +464,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one BuildConfig field, e.g. --set unet_steps=100")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved build config and exit")
+    parser.add_argument("--only-guide", action="store_true",
+                        help="build only models/guide (the CLIP of distill's optional CLIP loss) next to existing models")
     args = parser.parse_args(argv)
     cfg = apply_build_overrides(SCALES[args.scale], args.overrides)
     if args.dry_run:
         print(json.dumps(asdict(cfg), indent=2))
+        return
+    if args.only_guide:
+        record = build_guide(cfg, args.out, args.tokenizer)
+        print(f"wrote {args.out}/guide (retrieval accuracy {record['metrics']['guide_clip_retrieval_accuracy']:.3f})")
         return
     record = build(cfg, args.out, args.tokenizer)
     print(json.dumps(record["metrics"], indent=2))
