@@ -176,6 +176,15 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
 
+    @model_validator(mode="after")
+    def _guide_is_not_the_evaluator(self) -> "Config":
+        clip = self.distill.clip_model
+        judges = {self.evaluate.evaluator, self.evaluate.coco.clip}
+        if clip is not None and any(j and Path(j).resolve() == Path(clip).resolve() for j in judges):
+            raise ValueError(f"distill.clip_model ({clip}) is the CLIP that evaluate scores with: training on the "
+                             "evaluator would grade its own signal; use another CLIP (world: models/guide)")
+        return self
+
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys allowed at `loc` (the location of an unknown key) in the schema."""

@@ -109,3 +109,9 @@ def test_sd21_recipe_validates_against_the_schema(repo):
     assert (d.batch_size, d.lora_lr, d.lora_rank, d.lora_alpha, d.guidance_scale) == (16, 1e-3, 64, 108, 4.5)
     assert (d.t_min, d.t_max, d.p_uncond, d.mixed_precision, d.gradient_checkpointing) == (20, 980, 0.1, "bf16", True)
     assert cfg.prepare.eval.source == "coco" and cfg.prepare.eval.limit == 30000
+
+
+def test_the_clip_loss_may_not_train_on_the_evaluator():
+    with pytest.raises(UserError, match="distill.clip_model.*evaluate scores with"):
+        config_from_dict({"distill": {"clip_model": "models/evaluator"}, "evaluate": {"evaluator": "models/evaluator"}})
+    assert config_from_dict({"distill": {"clip_model": "models/guide"}}).distill.clip_model == "models/guide"
