@@ -90,7 +90,10 @@ def adapters(unet, enabled: bool) -> Iterator[None]:
 
 def guided_eps(unet, x_t: torch.Tensor, t: torch.Tensor, abar_t: torch.Tensor, cond: torch.Tensor,
                uncond: torch.Tensor, scale: float, prediction_type: PredictionType) -> torch.Tensor:
-    """CFG noise estimate; both branches in one batched UNet call (B -> 2B). `uncond` may be (1, L, D)."""
+    """CFG noise estimate; both branches in one batched UNet call (B -> 2B), or only the conditional
+    one at scale 1. `uncond` may be (1, L, D)."""
+    if scale == 1.0:          # uncond + 1 * (cond - uncond) is the conditional branch: one call of B
+        return eps_from_output(x_t, unet(x_t, t, encoder_hidden_states=cond).sample, abar_t, prediction_type)
     uncond = uncond.expand_as(cond)
     out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
     eps = eps_from_output(torch.cat([x_t, x_t]), out, torch.cat([abar_t, abar_t]), prediction_type)
