@@ -171,19 +171,21 @@ def compare(unet, cond: torch.Tensor, uncond: torch.Tensor, abar: torch.Tensor, 
     """Per variant: median seconds per step and the student gradient's distance from the reference."""
     z = torch.randn((cond.shape[0], unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
                     generator=torch.Generator().manual_seed(seed))
-    rows, refs, base = [], {}, {}
+    grads, states, refs = [], [], {}
     for v in variants:
         g = student_gradient(prepare(unet, cond, uncond, abar, v), v, z, seed)
-        ref = refs.setdefault(v.maths, g)
-        s = prepare(unet, cond, uncond, abar, v)
-        gen = torch.Generator().manual_seed(seed)
-        train_step(s, v, gen)                                   # warm-up
-        times = []
-        for _ in range(repeats):
+        grads.append((g, refs.setdefault(v.maths, g)))
+        states.append((prepare(unet, cond, uncond, abar, v), torch.Generator().manual_seed(seed)))
+        train_step(states[-1][0], v, states[-1][1])                     # warm-up
+    times: list[list[float]] = [[] for _ in variants]
+    for _ in range(repeats):             # round-robin, so that the machine's drift hits every variant alike
+        for i, v in enumerate(variants):
             t0 = time.perf_counter()
-            train_step(s, v, gen)
-            times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
+            train_step(states[i][0], v, states[i][1])
+            times[i].append(time.perf_counter() - t0)
+    rows, base = [], {}
+    for v, ts, (g, ref) in zip(variants, times, grads):
+        seconds = statistics.median(ts)
         base.setdefault(v.maths, seconds)
         rows.append({"variant": v.name, "maths": v.maths, "s_per_step": round(seconds, 4),
                      "speedup_vs_reference": round(base[v.maths] / seconds, 2),
