@@ -50,6 +50,7 @@ def workspace(tmp_path_factory, micro_models, harness):
     shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
     shutil.copytree(models / "teacher", ws / "models" / "teacher")
     shutil.copytree(models / "evaluator", ws / "models" / "evaluator")
+    shutil.copytree(models / "guide", ws / "models" / "guide")
     (ws / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     (ws / ".gitignore").write_text("/prompts/\n/eval_images/\n/checkpoints/\n/models/student\n/models/onnx\n"
                                    "/production/\n.flows.lock\n")
