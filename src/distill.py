@@ -6,7 +6,9 @@
 
 Student = a copy of the teacher UNet, fed pure noise at t = T-1. Each step: (1) the student
 makes x0 for a batch of prompts; (2) VSDLoss moves it along (1 - abar_t)(eps_teacher -
-eps_lora) (CFG on both, see src/vsd.py); (3) LoRALoss fits the LoRA teacher to the student's
+eps_lora) (CFG on the teacher, and on the LoRA teacher unless `lora_guidance_scale` says
+otherwise; see src/vsd.py), plus SwiftBrush v2's clamped CLIP loss on the decoded image when
+`clip_model` is set (src/clip_loss.py); (3) LoRALoss fits the LoRA teacher to the student's
 detached samples; (4) optional EMA; (5) log / validate / checkpoint. Killed runs resume from
 the last complete checkpoint in `checkpoints/` (a DVC `persist: true` output); every random
 draw is a function of (seed, rank, step), so a resumed run continues exactly as an
