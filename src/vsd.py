@@ -131,10 +131,14 @@ class VSDLoss:
     prediction_type: PredictionType = "epsilon"
     lora_guidance_scale: float | None = None   # None: guidance_scale (paper); ProlificDreamer uses 1.0
 
+    @property
+    def lora_scale(self) -> float:
+        """The CFG scale of the LoRA teacher's score (the teacher's unless set apart)."""
+        return self.guidance_scale if self.lora_guidance_scale is None else self.lora_guidance_scale
+
     def __call__(self, unet, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
         b = x0.shape[0]
-        lora_scale = self.guidance_scale if self.lora_guidance_scale is None else self.lora_guidance_scale
         t = torch.randint(self.t_min, self.t_max + 1, (b,), generator=generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         abar_t = alphas_cumprod.to(x0.device)[t]
@@ -144,7 +148,7 @@ class VSDLoss:
                 eps_teacher = guided_eps(unet, x_t, t, abar_t, cond, uncond, self.guidance_scale,
                                          self.prediction_type)
             with adapters(unet, enabled=True):
-                eps_lora = guided_eps(unet, x_t, t, abar_t, cond, uncond, lora_scale,
+                eps_lora = guided_eps(unet, x_t, t, abar_t, cond, uncond, self.lora_scale,
                                       self.prediction_type)
             grad = vsd_grad(eps_teacher.float(), eps_lora.float(), abar_t)
         loss = surrogate_loss(x0.float(), grad, self.reduction)

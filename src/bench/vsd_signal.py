@@ -28,7 +28,7 @@ from ..fileio import atomic_file, write_json
 from ..onestep import initial_noise, student_x0
 from ..prepare import read_prepared
 from ..teacher import alphas_cumprod, encode_prompts, load_pipeline
-from ..vsd import adapters, add_noise, guided_eps, vsd_grad
+from ..vsd import VSDLoss, adapters, add_noise, eps_from_output, guided_eps, vsd_grad
 
 TIMESTEPS = (50, 150, 300, 500, 700, 900, 980)
 
@@ -59,7 +59,7 @@ def signal(folder: Path, params: Path = Path("params.yaml"), n_prompts: int = 64
     with adapters(unet, enabled=False):
         x_teacher = pipe(prompts, num_inference_steps=teacher_steps, guidance_scale=cfg.guidance_scale,
                          latents=z.clone(), output_type="latent").images
-    lora_scale = cfg.guidance_scale if cfg.lora_guidance_scale is None else cfg.lora_guidance_scale
+    lora_scale = VSDLoss(cfg.guidance_scale, lora_guidance_scale=cfg.lora_guidance_scale).lora_scale
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for t in timesteps:
@@ -71,8 +71,8 @@ def signal(folder: Path, params: Path = Path("params.yaml"), n_prompts: int = 64
             x_t = add_noise(x, eps, a)
             for who, enabled in (("teacher", False), ("lora", True)):
                 with adapters(unet, enabled=enabled):
-                    row[f"err_{who}_on_{name}"] = float(((unet(x_t, tt, encoder_hidden_states=cond).sample - eps) ** 2)
-                                                        .mean())
+                    out = unet(x_t, tt, encoder_hidden_states=cond).sample
+                    row[f"err_{who}_on_{name}"] = float(((eps_from_output(x_t, out, a, prediction) - eps) ** 2).mean())
         x_t = add_noise(x_student, torch.randn(x_student.shape, generator=gen), a)
         with adapters(unet, enabled=False):
             e_t = guided_eps(unet, x_t, tt, a, cond, uncond, cfg.guidance_scale, prediction)

@@ -44,9 +44,8 @@ def reference_vsd(cfg: VSDLoss, unet, x0: torch.Tensor, cond: torch.Tensor, unco
             e_c = eps_from_output(x_t, unet(x_t, t, encoder_hidden_states=cond).sample, abar_t, cfg.prediction_type)
         return cfg_combine(e_u, e_c, scale).detach().float()
 
-    lora_scale = cfg.guidance_scale if cfg.lora_guidance_scale is None else cfg.lora_guidance_scale
     with torch.no_grad() if no_grad else torch.enable_grad():
-        grad = vsd_grad(score(False, cfg.guidance_scale), score(True, lora_scale), abar_t)
+        grad = vsd_grad(score(False, cfg.guidance_scale), score(True, cfg.lora_scale), abar_t)
     return surrogate_loss(x0.float(), grad, cfg.reduction)
 
 
