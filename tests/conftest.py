@@ -15,6 +15,24 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _make_tiny_unet(seed: int = 0):
+    """A tiny Stable-Diffusion-layout UNet (8x8 latents, 16-d text), seeded: fast enough for autograd checks."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4)
+
+
+@pytest.fixture
+def tiny_unet():
+    """Builder of the tiny seeded UNet: `tiny_unet(seed=0)` gives a fresh model on every call."""
+    return _make_tiny_unet
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -17,20 +17,16 @@ def test_gpu_profile_runs_at_tiny_size_on_cpu(tmp_path):
     assert "SwiftBrush step" in (tmp_path / "README.md").read_text()
 
 
-def test_every_vsd_step_variant_computes_the_reference_gradient():
+def test_every_vsd_step_variant_computes_the_reference_gradient(tiny_unet):
     """The speed-ups of the VSD step keep its mathematics: same student gradient as the 4-call reference."""
     import torch
 
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     from src.bench.vsd_step import VARIANTS, Variant, compare
 
     abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4)
+    unet = tiny_unet()
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(3, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
 

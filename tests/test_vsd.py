@@ -11,16 +11,6 @@ from src.vsd import (LoRALoss, VSDLoss, add_noise, adapters, cfg_combine, eps_fr
                      vsd_grad, x0_from_output)
 
 
-def tiny_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4)
-
-
 def with_lora(unet, perturb: bool = True, seed: int = 1):
     """Attach the LoRA teacher adapter (to_q, to_v); optionally move it away from its zero init."""
     from peft import LoraConfig
@@ -74,7 +64,7 @@ def test_cfg_combines_as_specified():
     assert torch.allclose(cfg_combine(u, c, 4.5), torch.tensor([1 + 4.5 * 2, -2 + 4.5 * 2]))
 
 
-def test_disabled_adapters_reproduce_the_teacher_exactly():
+def test_disabled_adapters_reproduce_the_teacher_exactly(tiny_unet):
     teacher = tiny_unet()
     reference = copy.deepcopy(teacher)
     unet = with_lora(teacher)
@@ -109,7 +99,7 @@ def _manual_vsd_grad(unet, x0, cond, uncond, abar, scale, seed, t_min=20, t_max=
 
 
 @pytest.mark.parametrize("reduction, denom", [("mean", "numel"), ("sum_over_batch", "batch")])
-def test_student_gradient_is_the_vsd_gradient(schedule, reduction, denom):
+def test_student_gradient_is_the_vsd_gradient(schedule, reduction, denom, tiny_unet):
     unet = with_lora(tiny_unet())
     g = torch.Generator().manual_seed(5)
     x0 = torch.randn(3, 4, 8, 8, generator=g).requires_grad_(True)
@@ -127,7 +117,7 @@ def test_student_gradient_is_the_vsd_gradient(schedule, reduction, denom):
     assert all(p.grad is None for p in unet.parameters())
 
 
-def test_lora_teacher_guidance_can_differ_from_the_teacher_s(schedule):
+def test_lora_teacher_guidance_can_differ_from_the_teacher_s(schedule, tiny_unet):
     """lora_guidance_scale=1: the LoRA teacher's score is its conditional branch alone (ProlificDreamer)."""
     unet = with_lora(tiny_unet())
     g = torch.Generator().manual_seed(6)
@@ -143,7 +133,7 @@ def test_lora_teacher_guidance_can_differ_from_the_teacher_s(schedule):
     assert not torch.allclose(x0.grad, same_scale, rtol=1e-2)
 
 
-def test_gradient_is_zero_when_teacher_and_lora_teacher_agree(schedule):
+def test_gradient_is_zero_when_teacher_and_lora_teacher_agree(schedule, tiny_unet):
     unet = with_lora(tiny_unet(), perturb=False)  # LoRA B initialised to zero: identical scores
     x0 = torch.randn(2, 4, 8, 8).requires_grad_(True)
     cond, uncond = torch.randn(2, 5, 16), torch.randn(1, 5, 16)
@@ -163,7 +153,7 @@ def test_surrogate_loss_rejects_unknown_reduction():
         surrogate_loss(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), "sum")
 
 
-def test_lora_loss_trains_only_the_adapter_on_detached_samples(schedule):
+def test_lora_loss_trains_only_the_adapter_on_detached_samples(schedule, tiny_unet):
     unet = with_lora(tiny_unet())
     x0 = torch.randn(4, 4, 8, 8).requires_grad_(True)
     cond, uncond = torch.randn(4, 5, 16), torch.randn(1, 5, 16)
@@ -176,7 +166,7 @@ def test_lora_loss_trains_only_the_adapter_on_detached_samples(schedule):
     assert stats["loss_lora"] > 0
 
 
-def test_lora_loss_is_abar_weighted_epsilon_mse_with_prompt_dropout(schedule):
+def test_lora_loss_is_abar_weighted_epsilon_mse_with_prompt_dropout(schedule, tiny_unet):
     unet = with_lora(tiny_unet())
     g = torch.Generator().manual_seed(3)
     x0, cond, uncond = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 5, 16, generator=g), \
