@@ -52,7 +52,15 @@ def complete(root: Path) -> list[Path]:
     for tmp in root.glob(".step-*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def discard_after(root: Path, step: int) -> list[Path]:
+    """Remove the complete checkpoints beyond `step` (from a longer run); return what was removed."""
+    later = [p for p in complete(root) if step_of(p) > step]
+    for folder in later:
+        shutil.rmtree(folder, ignore_errors=True)
+    return later
 
 
 def verify(folder: Path) -> dict[str, Any]:
@@ -70,9 +78,13 @@ def verify(folder: Path) -> dict[str, Any]:
     return json.loads((folder / STATE).read_text(encoding="utf-8"))
 
 
-def latest(root: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest complete checkpoint, verified; None when there is none."""
-    found = complete(root)
+def step_of(folder: Path) -> int:
+    return int(_NAME.match(folder.name).group(1))
+
+
+def latest(root: Path, max_step: int | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint (at or before `max_step` if given), verified; None when there is none."""
+    found = [p for p in complete(root) if max_step is None or step_of(p) <= max_step]
     if not found:
         return None
     return found[-1], verify(found[-1])

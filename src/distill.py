@@ -69,14 +69,30 @@ def batch_indices(n_prompts: int, batch: int, step: int, rank: int, world: int, 
     return out
 
 
-def fingerprint(cfg: DistillConfig, lr: float, seed: int) -> str:
-    """What must match for a checkpoint to be resumed (everything that changes the trajectory)."""
+# The modules whose code decides the training trajectory; editing one invalidates checkpoints.
+METHOD_SOURCES = ("distill.py", "vsd.py", "clip_loss.py", "onestep.py", "teacher.py", "noise.py")
+
+
+def fingerprint(cfg: DistillConfig, lr: float, seed: int, inputs: str = "") -> str:
+    """What must match for a checkpoint to be resumed (everything that changes the trajectory).
+
+    `inputs`: a digest of what the settings do not show (the method's code, the prompt file),
+    so that `dvc repro` after a code change trains afresh instead of reloading the old run.
+    """
     ignore = {"checkpoint_every", "keep_checkpoints", "log_every", "val_every"}
     if cfg.lr_schedule == "constant" and (cfg.clip_model is None or cfg.clip_schedule == "constant"):
         ignore.add("steps")          # a longer run without step-dependent schedules continues the same trajectory
     keep = cfg.model_dump(exclude=ignore)
-    text = json.dumps({"distill": keep, "lr": lr, "seed": seed}, sort_keys=True, default=str)
+    text = json.dumps({"distill": keep, "lr": lr, "seed": seed, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def inputs_digest(train_prompts: Path) -> str:
+    """SHA-256 of the method's source files and the training prompt file."""
+    h = hashlib.sha256()
+    for path in [Path(__file__).with_name(n) for n in METHOD_SOURCES] + [train_prompts]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def student_lr(base: float, step: int, total: int, schedule: str) -> float:
@@ -138,6 +154,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     lora_params = [p for n, p in teacher.named_parameters() if "lora_" in n]
     for p in lora_params:
         p.requires_grad_(True)
+    student.to(memory_format=torch.channels_last)    # 4-D weights NHWC: ~15% faster convolutions on
+    teacher.to(memory_format=torch.channels_last)    # CPU (oneDNN) and GPU (cuDNN); same mathematics
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         teacher.enable_gradient_checkpointing()
@@ -154,10 +172,12 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         clip_loss = load_clip_loss(cfg.clip_model, cfg.clip_tau, device)
 
     # ---- resume
-    start, live_step, fp = 0, 0, fingerprint(cfg, lr, seed)
-    found = checkpoint.latest(paths.checkpoints)
+    start, live_step, fp = 0, 0, fingerprint(cfg, lr, seed, inputs_digest(paths.train_prompts))
+    found = checkpoint.latest(paths.checkpoints, max_step=cfg.steps)   # a longer run's later ones are not ours
+    if acc.is_main_process and checkpoint.discard_after(paths.checkpoints, cfg.steps):
+        acc.print(f"checkpoints in {paths.checkpoints} beyond distill.steps={cfg.steps} (a longer run) removed")
     if found and found[1].get("fingerprint") != fp:
-        acc.print(f"checkpoints in {paths.checkpoints} belong to other settings; starting afresh")
+        acc.print(f"checkpoints in {paths.checkpoints} belong to other settings, code or prompts; starting afresh")
         if acc.is_main_process:
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
         found = None
@@ -271,7 +291,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         final = shipped(acc.unwrap_model(student), ema).eval()
         if val_records:
             result["final"] = validate(pipe, final, val_records, abar)
-        save_student(paths.student, pipe, final)
+        save_student(paths.student, pipe, final.to(memory_format=torch.contiguous_format))  # safetensors wants contiguous
         write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
                    | {"val_curve": history})
         live.end()

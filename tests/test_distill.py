@@ -142,7 +142,36 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, micro_models, w
     cfg = DistillConfig(teacher=str(models / "teacher"), **{**FAST, "steps": 2})
     distill(cfg, lr=1e-4, seed=0, paths=paths)
     distill(cfg, lr=2e-4, seed=0, paths=paths)  # `dvc exp run -S lr=...` must not continue the old run
-    assert "belong to other settings; starting afresh" in capsys.readouterr().out
+    assert "belong to other settings, code or prompts; starting afresh" in capsys.readouterr().out
+
+
+def test_a_changed_prompt_file_or_method_code_is_part_of_the_resume_key(tmp_path, world_prompts):
+    from src.distill import fingerprint, inputs_digest
+
+    cfg = DistillConfig()
+    assert fingerprint(cfg, 1e-5, 0, "code-a") != fingerprint(cfg, 1e-5, 0, "code-b")
+    edited = tmp_path / "train.jsonl"
+    edited.write_bytes((world_prompts / "train.jsonl").read_bytes() + b"\n")
+    assert inputs_digest(world_prompts / "train.jsonl") != inputs_digest(edited)
+
+
+def test_a_shorter_run_after_a_longer_one_ships_its_own_step(tmp_path, micro_models, world_prompts, capsys):
+    """`dvc exp run -S distill.steps=4` then back to 2 steps: resume at step 2, never ship step 4."""
+    from safetensors.torch import load_file
+
+    models, _ = micro_models
+    cfg = DistillConfig(teacher=str(models / "teacher"), **{**FAST, "steps": 2, "keep_checkpoints": 3})
+    fresh = _paths(tmp_path / "fresh", world_prompts)
+    distill(cfg, lr=1e-4, seed=0, paths=fresh)
+    paths = _paths(tmp_path / "reused", world_prompts)
+    distill(cfg.model_copy(update={"steps": 4}), lr=1e-4, seed=0, paths=paths)
+    distill(cfg, lr=1e-4, seed=0, paths=paths)
+    out = capsys.readouterr().out
+    assert "beyond distill.steps=2 (a longer run) removed" in out and "(step 2)" in out
+    assert [p.name for p in checkpoint.complete(paths.checkpoints)] == ["step-000002"]
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    wa, wb = load_file(fresh.student / weights), load_file(paths.student / weights)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_non_finite_steps_stop_the_run_with_a_clear_error(tmp_path, micro_models, world_prompts):
