@@ -17,9 +17,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ruamel.yaml import YAML, YAMLError
+
 from .errors import UserError, run_cli
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML 1.2, as DVC reads and writes params.yaml (ruamel.yaml, safe). PyYAML's YAML 1.1 would
+    read the `no` that `dvc exp run -S` writes for `mixed_precision: "no"` as False."""
+    return YAML(typ="safe").load(text)
 
 
 class Section(BaseModel):
@@ -220,7 +228,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. lr=1e-6")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), parse_yaml(value)
+    except YAMLError as err:
+        raise UserError(f"--set {text!r}: the value is not valid YAML ({err})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -257,8 +268,8 @@ def load_config(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
     if not path.is_file():
         raise UserError(f"params file {path} not found (run from the repository root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except (YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid YAML: {err}") from None
     return config_from_dict(apply_overrides(raw or {}, overrides or []), str(path))
 

@@ -73,6 +73,22 @@ def test_overrides_use_dvc_syntax_and_dvc_written_floats(tmp_path):
     assert raw == {"a": {"b": 1, "c": "x"}}
 
 
+def test_params_rewritten_by_dvc_exp_run_load_unchanged(tmp_path, repo):
+    """`dvc exp run -S` rewrites params.yaml with ruamel (YAML 1.2): `mixed_precision: "no"` comes
+    back as a bare `no`, which a YAML 1.1 reader would take for False."""
+    from dvc.utils.serialize import modify_yaml
+
+    p = tmp_path / "params.yaml"
+    p.write_text((repo / "params.yaml").read_text())
+    with modify_yaml(p) as data:                  # what `dvc exp run -S distill.steps=1400` does
+        data["distill"]["steps"] = 1400
+    assert "mixed_precision: no " in p.read_text()
+    before, after = load_config(repo / "params.yaml"), load_config(p)
+    assert after.distill.steps == 1400 and after.distill.mixed_precision == "no"
+    assert after.model_copy(update={"distill": before.distill.model_copy(update={"steps": 1400})}) == after
+    assert load_config(p, ["distill.mixed_precision=no"]).distill.mixed_precision == "no"
+
+
 def test_missing_and_malformed_params_files(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_config(tmp_path / "nope.yaml")
