@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from ruamel.yaml import YAML, YAMLError
 
 from .errors import UserError, run_cli

@@ -154,8 +154,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     lora_params = [p for n, p in teacher.named_parameters() if "lora_" in n]
     for p in lora_params:
         p.requires_grad_(True)
-    student.to(memory_format=torch.channels_last)    # 4-D weights NHWC: ~15% faster convolutions on
-    teacher.to(memory_format=torch.channels_last)    # CPU (oneDNN) and GPU (cuDNN); same mathematics
+    student.to(memory_format=torch.channels_last)    # 4-D weights NHWC: the step is 1.06x faster on this
+    teacher.to(memory_format=torch.channels_last)    # CPU (oneDNN; reports/distill/sweep.md); same mathematics
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         teacher.enable_gradient_checkpointing()
