@@ -24,6 +24,11 @@ STATE = "state.json"
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
+def step_of(folder: Path) -> int:
+    """The training step of a checkpoint folder `step-000200`."""
+    return int(_NAME.match(folder.name).group(1))
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -76,10 +81,6 @@ def verify(folder: Path) -> dict[str, Any]:
             raise UserError(f"checkpoint {folder} is corrupt: {name} is missing or does not match its checksum; "
                             "delete the folder to resume from an earlier checkpoint or start afresh")
     return json.loads((folder / STATE).read_text(encoding="utf-8"))
-
-
-def step_of(folder: Path) -> int:
-    return int(_NAME.match(folder.name).group(1))
 
 
 def latest(root: Path, max_step: int | None = None) -> tuple[Path, dict[str, Any]] | None:
