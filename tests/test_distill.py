@@ -155,6 +155,20 @@ def test_a_changed_prompt_file_or_method_code_is_part_of_the_resume_key(tmp_path
     assert inputs_digest(world_prompts / "train.jsonl") != inputs_digest(edited)
 
 
+def test_a_run_on_an_edited_prompt_file_starts_afresh(tmp_path, micro_models, world_prompts, capsys):
+    """distill passes the digest into the resume key: same settings, other prompts -> not resumed."""
+    models, _ = micro_models
+    prompts = tmp_path / "prompts"
+    shutil.copytree(world_prompts, prompts)
+    paths = _paths(tmp_path, prompts)
+    cfg = DistillConfig(teacher=str(models / "teacher"), **{**FAST, "steps": 2})
+    distill(cfg, lr=1e-4, seed=0, paths=paths)
+    train = prompts / "train.jsonl"
+    train.write_text("".join(reversed(train.read_text().splitlines(keepends=True))))
+    distill(cfg, lr=1e-4, seed=0, paths=paths)
+    assert "belong to other settings, code or prompts; starting afresh" in capsys.readouterr().out
+
+
 def test_a_shorter_run_after_a_longer_one_ships_its_own_step(tmp_path, micro_models, world_prompts, capsys):
     """`dvc exp run -S distill.steps=4` then back to 2 steps: resume at step 2, never ship step 4."""
     from safetensors.torch import load_file
