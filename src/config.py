@@ -116,7 +116,9 @@ class DistillConfig(Section):
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="LoRA-teacher prompt dropout (paper: 0.1)")
     reduction: Literal["mean", "sum_over_batch"] = Field("mean", description="VSD loss reduction (official: mean)")
     grad_clip: float = Field(1.0, gt=0.0, description="max grad norm for both updates (paper: 1.0)")
-    ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="student EMA decay; null = off (optional)")
+    ema_decay: float | None = Field(None, ge=0.0, lt=1.0,
+                                    description="student EMA decay; null = off (optional). diffusers EMAModel: "
+                                                "the decay at step s is min(ema_decay, (1 + s) / (10 + s))")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision (GPU)")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory (SD 2.1 at 512 px)")
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")

@@ -131,7 +131,6 @@ def save_student(out: Path, pipe, student) -> None:
 def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) -> dict:
     """Run (or resume) the distillation; save the student pipeline; return the final metrics."""
     from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
     from peft import LoraConfig
     from tqdm import tqdm
 
@@ -161,7 +160,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         teacher.enable_gradient_checkpointing()
     opt_student = torch.optim.Adam(student.parameters(), lr=lr)
     opt_lora = torch.optim.Adam(lora_params, lr=cfg.lora_lr)
-    ema = EMAModel(student.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
+    ema = student_ema(student, cfg.ema_decay)
     vsd_loss = VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale)
     lora_loss = LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting)
     uncond = encode_prompts(pipe, [""], device)                                        # (1, 77, D)
@@ -296,6 +295,14 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                    | {"val_curve": history})
         live.end()
     return result
+
+
+def student_ema(student, decay: float | None):
+    """EMA of the student's weights, or None. diffusers' EMAModel warms the decay up: its k-th update
+    (k >= 2) uses min(decay, k / (9 + k)), so decay 0.995 binds only from the 1791st update on."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(student.parameters(), decay=decay) if decay else None
 
 
 def shipped(student, ema):

@@ -74,6 +74,28 @@ def test_student_lr_schedules():
     assert fingerprint(DistillConfig(steps=10), 1e-5, 0) == fingerprint(DistillConfig(steps=20), 1e-5, 0)
 
 
+def test_student_ema_follows_the_documented_warm_up():
+    """The shipped weights are an EMA whose k-th update uses min(decay, k / (9 + k)) (k >= 2; the
+    first copies the weights), as params.yaml and the config describe; checked by a recurrence."""
+    from src.distill import student_ema
+
+    assert student_ema(torch.nn.Linear(2, 2), None) is None
+    model = torch.nn.Linear(3, 2)
+    ema = student_ema(model, 0.8)
+    gen = torch.Generator().manual_seed(0)
+    expected = None
+    for k in range(1, 41):                                   # k / (9 + k) passes 0.8 at k = 36
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        ema.step(model.parameters())
+        current = [p.detach().clone() for p in model.parameters()]
+        d = 0.0 if k == 1 else min(0.8, k / (9 + k))
+        expected = current if expected is None else [d * e + (1 - d) * c for e, c in zip(expected, current)]
+    for shadow, want in zip(ema.shadow_params, expected):
+        torch.testing.assert_close(shadow, want)
+
+
 def test_batches_are_sharded_and_wrap_without_dropping_a_tail():
     n = 10
     one = [batch_indices(n, 4, s, 0, 1, seed=0) for s in range(5)]          # 20 draws = 2 epochs
