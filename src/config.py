@@ -118,7 +118,7 @@ class DistillConfig(Section):
     grad_clip: float = Field(1.0, gt=0.0, description="max grad norm for both updates (paper: 1.0)")
     ema_decay: float | None = Field(None, ge=0.0, lt=1.0,
                                     description="student EMA decay; null = off (optional). diffusers EMAModel: "
-                                                "the decay at step s is min(ema_decay, (1 + s) / (10 + s))")
+                                                "the k-th update uses min(ema_decay, k / (9 + k))")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision (GPU)")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory (SD 2.1 at 512 px)")
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
