@@ -100,6 +100,9 @@ class DistillConfig(Section):
     guidance_scale: float = Field(4.5, ge=1.0, le=50.0, description="CFG on teacher and LoRA teacher (paper: 4.5)")
     lora_guidance_scale: float | None = Field(
         None, ge=1.0, le=50.0, description="CFG on the LoRA teacher; null = guidance_scale (paper)")
+    student_timestep: int | None = Field(
+        None, ge=1, le=999, description="timestep the student is told its pure-noise input is at; null = T-1 "
+                                        "(paper: 999). x0 is read with abar at this t (DMD2's SDXL one-step: 399)")
     t_min: int = Field(20, ge=0, le=999, description="VSD timestep range, low end (paper: 20)")
     t_max: int = Field(980, ge=0, le=999, description="VSD timestep range, high end (paper: 980)")
     lr_schedule: Literal["constant", "cosine"] = Field(

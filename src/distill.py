@@ -4,7 +4,8 @@
     python -m src.distill --dry-run       # print the resolved `distill` section (+ lr) and exit
     accelerate launch --num_processes 2 -m src.distill   # several processes (DDP)
 
-Student = a copy of the teacher UNet, fed pure noise at t = T-1. Each step: (1) the student
+Student = a copy of the teacher UNet, fed pure noise labelled t = T-1 (the paper) or
+`student_timestep` (src/onestep.py). Each step: (1) the student
 makes x0 for a batch of prompts; (2) VSDLoss moves it along (1 - abar_t)(eps_teacher -
 eps_lora) (CFG on the teacher, and on the LoRA teacher unless `lora_guidance_scale` says
 otherwise; see src/vsd.py), plus SwiftBrush v2's clamped CLIP loss on the decoded image when
@@ -33,7 +34,7 @@ from . import checkpoint
 from .config import DistillConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
-from .onestep import decode, generate, initial_noise, student_x0
+from .onestep import decode, generate, initial_noise, one_step_scheduler, student_timestep, student_x0
 from .prepare import derive_seed, read_prepared
 from .teacher import alphas_cumprod, encode_prompts, load_pipeline
 from .vsd import LoRALoss, VSDLoss
@@ -111,20 +112,19 @@ def lora_state(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items() if "lora_" in k}
 
 
-def save_student(out: Path, pipe, student) -> None:
-    """A complete diffusers pipeline: student UNet, the teacher's other parts, a one-step scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def save_student(out: Path, pipe, student, timestep: int) -> None:
+    """A complete diffusers pipeline: student UNet, the teacher's other parts, a one-step scheduler
+    at the student's timestep (one DDIM step there with alpha_prev = 1 returns exactly its x0)."""
+    from diffusers import StableDiffusionPipeline
 
-    # One DDIM step at t = T-1 with alpha_prev = 1 returns exactly the student's x0.
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True,
-                                          timestep_spacing="trailing")
+    scheduler = one_step_scheduler(pipe.scheduler, timestep)
     one = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                   unet=student, scheduler=scheduler, safety_checker=None,
                                   feature_extractor=None, requires_safety_checker=False)
     with atomic_dir(out) as tmp:
         one.save_pretrained(tmp, safe_serialization=True)
         (tmp / "swiftbrush.json").write_text(json.dumps(
-            {"one_step": True, "num_inference_steps": 1, "guidance_scale": 1.0,
+            {"one_step": True, "num_inference_steps": 1, "guidance_scale": 1.0, "timestep": timestep,
              "note": "call the pipeline with num_inference_steps=1, guidance_scale=1.0"}, indent=2))
 
 
@@ -145,6 +145,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     pipe.vae.requires_grad_(False).to(device)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     abar = alphas_cumprod(pipe).to(device)
+    t_student = student_timestep(abar, cfg.student_timestep)                          # T-1 unless set
     student = copy.deepcopy(pipe.unet).train().requires_grad_(True)
     teacher = pipe.unet.requires_grad_(False)
     torch.manual_seed(derive_seed(seed, "lora-init"))  # LoRA A matrices are drawn from the global RNG
@@ -214,9 +215,9 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         for group in opt_student.param_groups:
             group["lr"] = lr_now
 
-        # 1-2. student update: VSD gradient through x0 = f(student(z, T-1, c))
+        # 1-2. student update: VSD gradient through x0 = f(student(z, t_s, c))
         with acc.autocast():
-            x0 = student_x0(student, z, cond, abar, prediction)                         # (B, 4, h, w)
+            x0 = student_x0(student, z, cond, abar, prediction, t_student)              # (B, 4, h, w)
             loss_vsd, stats = vsd_loss(teacher, x0, cond, uncond, abar, gen)
             loss_student = loss_vsd
             w_clip = clip_weight(cfg.clip_weight, step, cfg.steps, cfg.clip_schedule) if clip_loss else 0.0
@@ -266,7 +267,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                 live.log_metric(f"train/{k}", v)
             bar.set_postfix(vsd=f"{row['loss_vsd']:.2e}", lora=f"{row['loss_lora']:.3f}", refresh=False)
         if acc.is_main_process and val_records and (done % cfg.val_every == 0 or done == cfg.steps):
-            val = validate(pipe, shipped(acc.unwrap_model(student), ema), val_records, abar)
+            val = validate(pipe, shipped(acc.unwrap_model(student), ema), val_records, abar, t_student)
             history.append({"step": done, **val})
             for k, v in val.items():
                 live.log_metric(f"val/{k}", v)
@@ -289,8 +290,9 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     if acc.is_main_process:
         final = shipped(acc.unwrap_model(student), ema).eval()
         if val_records:
-            result["final"] = validate(pipe, final, val_records, abar)
-        save_student(paths.student, pipe, final.to(memory_format=torch.contiguous_format))  # safetensors wants contiguous
+            result["final"] = validate(pipe, final, val_records, abar, t_student)
+        final = final.to(memory_format=torch.contiguous_format)                        # safetensors wants contiguous
+        save_student(paths.student, pipe, final, t_student)
         write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
                    | {"val_curve": history})
         live.end()
@@ -369,14 +371,14 @@ def _save_checkpoint(root: Path, step: int, fp: str, live_step: int, keep: int, 
 
 
 @torch.no_grad()
-def validate(pipe, student, records: list[dict], abar: torch.Tensor) -> dict[str, float]:
+def validate(pipe, student, records: list[dict], abar: torch.Tensor, timestep: int | None = None) -> dict[str, float]:
     """One-step samples for fixed eval prompts; judge accuracy when the prompts carry attributes."""
     from .world import accuracy, read_scene, score
 
     was_training = student.training
     student.eval()
     images = generate(pipe, student, [r["prompt"] for r in records], [r["seed"] for r in records], abar,
-                      device=next(student.parameters()).device)
+                      device=next(student.parameters()).device, timestep=timestep)
     student.train(was_training)
     out = {"mean_pixel_std": float(images.reshape(len(images), -1).std(axis=1).mean() / 255)}
     if all("attributes" in r for r in records):

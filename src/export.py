@@ -6,7 +6,7 @@ One graph per precision, the whole generator (DESIGN.md section 7):
 
     input_ids  int64   (batch, max_length)   token ids, padded (see tokenizer contract below)
     noise      float32 (batch, C, h, w)      initial latent, N(0, I); src/noise.py for seeds
-      -> text encoder -> student UNet at t = T-1 -> x0 -> VAE decode ->
+      -> text encoder -> student UNet at its timestep t_s -> x0 -> VAE decode ->
     images     float32 (batch, 3, H, W)      in [0, 1]
 
 Inputs and outputs stay float32 in the fp16 graph too (only the inside is half precision),
@@ -35,7 +35,7 @@ from .config import ExportConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
 from .noise import initial_noise
-from .onestep import decode, student_timestep, student_x0
+from .onestep import decode, student_x0, timestep_of
 from .teacher import alphas_cumprod, load_pipeline
 from .prepare import read_prepared
 
@@ -58,10 +58,11 @@ class OneStepGraph(torch.nn.Module):
         self.text_encoder, self.unet, self.vae = pipe.text_encoder, pipe.unet, pipe.vae
         self.register_buffer("abar", alphas_cumprod(pipe), persistent=False)
         self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        self.timestep = timestep_of(pipe)
 
     def forward(self, input_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         text = self.text_encoder(input_ids)[0]
-        return decode(self.vae, student_x0(self.unet, noise, text, self.abar, self.prediction))
+        return decode(self.vae, student_x0(self.unet, noise, text, self.abar, self.prediction, self.timestep))
 
 
 def contract(pipe) -> dict:
@@ -75,7 +76,7 @@ def contract(pipe) -> dict:
         "max_length": tok.model_max_length,
         "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
         "latent_shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size],
-        "timestep": student_timestep(alphas_cumprod(pipe)),
+        "timestep": timestep_of(pipe),
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
         "noise": "sample i: numpy.random.default_rng(seed_i).standard_normal(latent_shape, dtype=float32)",
     }

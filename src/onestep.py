@@ -1,7 +1,12 @@
 """One-step generation with a SwiftBrush student: the single function evaluate, export and
 validation all use, so the three can never disagree on what "the student's image" is.
 
-    z ~ N(0, I) (one generator per sample)  ->  UNet(z, T-1, text)  ->  x0  ->  VAE decode
+    z ~ N(0, I) (one generator per sample)  ->  UNet(z, t_s, text)  ->  x0  ->  VAE decode
+
+t_s is T-1 (999 for SD) in the paper. `distill.student_timestep` can set it lower: x0 is then read
+with abar at t_s, which divides the student's epsilon error by sqrt(abar_{t_s}) instead of
+sqrt(abar_{T-1}) (8.4 instead of 14.6 at t_s = 899 on SD's schedule). A saved student carries
+its t_s in its one-step scheduler (`one_step_scheduler`, read back by `timestep_of`).
 """
 
 from __future__ import annotations
@@ -10,12 +15,43 @@ import numpy as np
 import torch
 
 from . import noise
+from .errors import UserError
 from .vsd import x0_from_output
 
 
-def student_timestep(alphas_cumprod: torch.Tensor) -> int:
-    """T - 1 (999 for SD): the student always sees pure noise at the last training timestep."""
-    return len(alphas_cumprod) - 1
+def student_timestep(alphas_cumprod: torch.Tensor, timestep: int | None = None) -> int:
+    """The timestep the student's pure-noise input is labelled with: `timestep`, or T - 1 (999 for
+    SD, the paper) when None."""
+    last = len(alphas_cumprod) - 1
+    if timestep is None:
+        return last
+    if not 0 < timestep <= last:
+        raise UserError(f"distill.student_timestep = {timestep}: expected 1..{last} (the teacher's scheduler "
+                        f"has {last + 1} training timesteps) or null for T-1")
+    return int(timestep)
+
+
+def one_step_scheduler(scheduler, timestep: int):
+    """A DDIM scheduler (from the teacher's `scheduler`) whose one step feeds the UNet `timestep` and
+    returns its x0 (alpha_prev = 1), so that diffusers' `pipe(..., num_inference_steps=1,
+    guidance_scale=1.0)` draws what `generate` draws. x0 is neither clipped nor thresholded."""
+    from diffusers import DDIMScheduler
+
+    last = scheduler.config.num_train_timesteps - 1
+    schedule = {}
+    if timestep != last:
+        # "trailing" puts one step at the schedule's last timestep, so the schedule ends at `timestep`:
+        # its first betas, the same alphas_cumprod up to there. (Diffusers' pipelines reset any
+        # steps_offset other than 1, so that cannot place the step.)
+        schedule = {"num_train_timesteps": timestep + 1, "trained_betas": scheduler.betas[:timestep + 1].tolist()}
+    return DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, timestep_spacing="trailing",
+                                     clip_sample=False, thresholding=False, **schedule)
+
+
+def timestep_of(pipe) -> int:
+    """The timestep of a student pipeline saved by distill (its one-step scheduler ends there); T-1
+    for an unmodified teacher pipeline."""
+    return int(pipe.scheduler.config.num_train_timesteps) - 1
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -25,12 +61,13 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor
 
 
 def student_x0(unet, z: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,
-               prediction_type: str = "epsilon") -> torch.Tensor:
-    """The student's clean latent (scaled latent space): its output at t = T-1 turned into x0."""
-    t_last = student_timestep(alphas_cumprod)
-    t = torch.full((z.shape[0],), t_last, dtype=torch.long, device=z.device)
+               prediction_type: str = "epsilon", timestep: int | None = None) -> torch.Tensor:
+    """The student's clean latent (scaled latent space): its output for z at t_s (`student_timestep`)
+    turned into x0 with abar_{t_s}."""
+    t_s = student_timestep(alphas_cumprod, timestep)
+    t = torch.full((z.shape[0],), t_s, dtype=torch.long, device=z.device)
     out = unet(z, t, encoder_hidden_states=text).sample
-    return x0_from_output(z, out, alphas_cumprod[t_last].to(z.device), prediction_type)
+    return x0_from_output(z, out, alphas_cumprod[t_s].to(z.device), prediction_type)
 
 
 def decode(vae, x0: torch.Tensor) -> torch.Tensor:
@@ -45,8 +82,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def generate(pipe, unet, prompts: list[str], seeds: list[int], alphas_cumprod: torch.Tensor,
-             batch_size: int = 32, device: torch.device | str = "cpu") -> np.ndarray:
-    """uint8 (N, H, W, 3) one-step images for `prompts`; image i depends only on prompts[i], seeds[i]."""
+             batch_size: int = 32, device: torch.device | str = "cpu", timestep: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) one-step images for `prompts`; image i depends only on prompts[i], seeds[i].
+    `timestep`: the student's t_s (None: T-1; a saved student's is `timestep_of(pipe)`)."""
     from .teacher import encode_prompts
 
     if len(prompts) != len(seeds):
@@ -58,6 +96,6 @@ def generate(pipe, unet, prompts: list[str], seeds: list[int], alphas_cumprod: t
     for i in range(0, len(prompts), batch_size):
         text = encode_prompts(pipe, prompts[i:i + batch_size], device).to(dtype)
         z = initial_noise(seeds[i:i + batch_size], shape).to(device, dtype)
-        x0 = student_x0(unet, z, text, alphas_cumprod.to(device), prediction)
+        x0 = student_x0(unet, z, text, alphas_cumprod.to(device), prediction, timestep)
         out.append(to_uint8(decode(pipe.vae, x0.to(pipe.vae.dtype))))
     return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)

@@ -1,8 +1,9 @@
 """SwiftBrush's variational score distillation: the mathematics, as small pure pieces.
 
 Notation (DESIGN.md section 5): `abar` is the teacher scheduler's `alphas_cumprod`, T = 1000.
-The student is a copy of the teacher UNet fed pure noise z at t = T-1; its output, read in
-the teacher's parametrisation, gives a clean latent x0. The VSD gradient on x0 is
+The student is a copy of the teacher UNet fed pure noise z at t = T-1 (the paper; or at
+`distill.student_timestep`, src/onestep.py); its output, read in the teacher's
+parametrisation, gives a clean latent x0. The VSD gradient on x0 is
 
     grad = (1 - abar_t) * (eps_teacher(x_t, t, c) - eps_lora(x_t, t, c)),    x_t = q(x0, t)
 

@@ -72,7 +72,8 @@ def world_prompts(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def micro_student(tmp_path_factory, micro_models, world_prompts) -> Path:
-    """A student pipeline from two real distillation steps on the micro teacher."""
+    """A student pipeline from two real distillation steps on the micro teacher, at a student timestep
+    other than T-1 so that export and inference have to carry it."""
     from src.config import DistillConfig
     from src.distill import Paths as DistillPaths
     from src.distill import distill
@@ -80,7 +81,7 @@ def micro_student(tmp_path_factory, micro_models, world_prompts) -> Path:
     models, _ = micro_models
     out = tmp_path_factory.mktemp("student")
     distill(DistillConfig(teacher=str(models / "teacher"), steps=2, batch_size=2, lora_rank=4, lora_alpha=8,
-                          val_every=100, val_prompts=2),
+                          val_every=100, val_prompts=2, student_timestep=899),
             lr=1e-4, seed=0, paths=DistillPaths(train_prompts=world_prompts / "train.jsonl",
                                                 eval_prompts=world_prompts / "eval.jsonl",
                                                 checkpoints=out / "ck", student=out / "student",

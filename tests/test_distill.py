@@ -31,16 +31,19 @@ def _paths(tmp: Path, prompts: Path) -> Paths:
                  checkpoints=tmp / "checkpoints", student=tmp / "student", reports=tmp / "reports")
 
 
-def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tmp_path, micro_models, world_prompts):
+@pytest.mark.parametrize("student_timestep", [None, 899])
+def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tmp_path, micro_models, world_prompts,
+                                                                              student_timestep):
     from diffusers import StableDiffusionPipeline
 
     from src.noise import initial_noise
-    from src.onestep import generate
+    from src.onestep import generate, timestep_of
     from src.teacher import alphas_cumprod, load_pipeline
 
     models, _ = micro_models
     paths = _paths(tmp_path, world_prompts)
-    result = distill(DistillConfig(teacher=str(models / "teacher"), **FAST), lr=1e-4, seed=0, paths=paths)
+    result = distill(DistillConfig(teacher=str(models / "teacher"), student_timestep=student_timestep, **FAST),
+                     lr=1e-4, seed=0, paths=paths)
     assert result["skipped_steps"] == 0 and "attribute_accuracy" in result["final"]
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert [row["step"] for row in metrics["val_curve"]] == [2, 4]
@@ -49,12 +52,15 @@ def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tm
 
     pipe = StableDiffusionPipeline.from_pretrained(paths.student, dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    t_s = 999 if student_timestep is None else student_timestep
+    assert timestep_of(pipe) == t_s                      # the saved scheduler carries the student's timestep
+    assert json.loads((paths.student / "swiftbrush.json").read_text())["timestep"] == t_s
     prompts, seeds = ["a red circle in the center on a blue background", "a big white box at the top"], [3, 4]
     latents = initial_noise(seeds, (pipe.unet.config.in_channels,) + (pipe.unet.config.sample_size,) * 2)
     via_pipeline = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, output_type="np",
                         latents=torch.from_numpy(latents)).images
     teacher = load_pipeline(str(models / "teacher"))
-    ours = generate(teacher, pipe.unet, prompts, seeds, alphas_cumprod(teacher))
+    ours = generate(teacher, pipe.unet, prompts, seeds, alphas_cumprod(teacher), timestep=t_s)
     assert np.abs(via_pipeline * 255 - ours.astype(np.float32)).max() <= 1.0  # same image (uint8 rounding)
     # The student moved away from the teacher.
     diff = sum((a - b).abs().sum() for a, b in zip(pipe.unet.parameters(), teacher.unet.parameters()))

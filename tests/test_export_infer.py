@@ -72,12 +72,14 @@ def test_export_without_student_says_what_to_run(tmp_path):
 def test_onnx_images_match_the_pytorch_student_for_the_same_seeds(onnx_dir, micro_student):
     from src.infer import generate, load_artifact
     from src.onestep import generate as torch_generate
+    from src.onestep import timestep_of
     from src.teacher import alphas_cumprod, load_pipeline
 
     folder, _ = onnx_dir
     pipe = load_pipeline(str(micro_student))
     seeds = [11, 12, 13]
-    expected = torch_generate(pipe, pipe.unet, PROMPTS, seeds, alphas_cumprod(pipe))
+    assert timestep_of(pipe) == 899 == json.loads((folder / "onestep.json").read_text())["timestep"]
+    expected = torch_generate(pipe, pipe.unet, PROMPTS, seeds, alphas_cumprod(pipe), timestep=899)
     art = load_artifact(folder, "fp32", "cpu")
     got = np.stack([img for _, img in generate(art, PROMPTS, seeds, batch_size=2)])
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1       # uint8 rounding at most

@@ -190,3 +190,60 @@ def test_lora_loss_is_abar_weighted_epsilon_mse_with_prompt_dropout(schedule, ti
     uniform, _ = LoRALoss(p_uncond=0.5, weighting="uniform")(unet, x0, cond, uncond, schedule.alphas_cumprod,
                                                              torch.Generator().manual_seed(9))
     assert torch.allclose(uniform, ((pred - eps) ** 2).mean(), rtol=1e-5)
+
+
+class _OracleUNet(torch.nn.Module):
+    """Stands in for a perfect denoiser of one known x0: at timestep t it returns the exact epsilon
+    of its input under abar_t, so a student read-out is right only when it asks at the timestep it
+    converts with."""
+
+    def __init__(self, x0: torch.Tensor, abar: torch.Tensor):
+        super().__init__()
+        self.x0, self.abar, self.seen = x0, abar, []
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        from types import SimpleNamespace
+
+        self.seen.append(t.tolist())
+        a = self.abar[t].view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=(x - a.sqrt() * self.x0) / (1 - a).sqrt())
+
+
+@pytest.mark.parametrize("timestep, expected", [(None, 999), (899, 899), (1, 1)])
+def test_student_x0_asks_and_converts_at_the_student_timestep(schedule, timestep, expected):
+    from src.onestep import student_x0
+
+    g = torch.Generator().manual_seed(0)
+    x0, z = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    unet = _OracleUNet(x0, schedule.alphas_cumprod)
+    got = student_x0(unet, z, torch.zeros(2, 77, 8), schedule.alphas_cumprod, "epsilon", timestep)
+    assert unet.seen == [[expected, expected]]
+    assert torch.allclose(got, x0, atol=1e-3)
+    # Reading the same output with T-1's abar instead (the paper's) is a different image.
+    if expected != 999:
+        wrong = x0_from_output(z, unet(z, torch.full((2,), expected)).sample, schedule.alphas_cumprod[-1])
+        assert (wrong - x0).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("bad", [0, 1000, -5])
+def test_student_timestep_outside_the_schedule_is_refused(schedule, bad):
+    from src.errors import UserError
+    from src.onestep import student_timestep
+
+    with pytest.raises(UserError, match=r"distill.student_timestep = .*expected 1\.\.999"):
+        student_timestep(schedule.alphas_cumprod, bad)
+
+
+@pytest.mark.parametrize("timestep", [999, 899, 399])
+def test_one_step_scheduler_steps_once_at_the_timestep_to_x0(schedule, timestep):
+    from src.onestep import one_step_scheduler, timestep_of
+
+    scheduler = one_step_scheduler(schedule, timestep)
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [timestep]
+    assert torch.equal(scheduler.alphas_cumprod, schedule.alphas_cumprod[:timestep + 1])   # the same schedule
+    assert timestep_of(type("Pipe", (), {"scheduler": scheduler})()) == timestep
+    g = torch.Generator().manual_seed(1)
+    z, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    stepped = scheduler.step(out, timestep, z).prev_sample
+    assert torch.allclose(stepped, x0_from_output(z, out, schedule.alphas_cumprod[timestep]), atol=1e-4)

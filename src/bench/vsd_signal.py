@@ -55,7 +55,7 @@ def signal(folder: Path, params: Path = Path("params.yaml"), n_prompts: int = 64
     prompts = [r["prompt"] for r in records]
     z = initial_noise([r["seed"] for r in records], (unet.config.in_channels,) + (unet.config.sample_size,) * 2)
     cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""])
-    x_student = student_x0(student, z, cond, abar, prediction)
+    x_student = student_x0(student, z, cond, abar, prediction, cfg.student_timestep)
     with adapters(unet, enabled=False):
         x_teacher = pipe(prompts, num_inference_steps=teacher_steps, guidance_scale=cfg.guidance_scale,
                          latents=z.clone(), output_type="latent").images
