@@ -4,9 +4,10 @@ validation all use, so the three can never disagree on what "the student's image
     z ~ N(0, I) (one generator per sample)  ->  UNet(z, t_s, text)  ->  x0  ->  VAE decode
 
 t_s is T-1 (999 for SD) in the paper. `distill.student_timestep` can set it lower: x0 is then read
-with abar at t_s, which divides the student's epsilon error by sqrt(abar_{t_s}) instead of
-sqrt(abar_{T-1}) (8.4 instead of 14.6 at t_s = 899 on SD's schedule). A saved student carries
-its t_s in its one-step scheduler (`one_step_scheduler`, read back by `timestep_of`).
+with abar at t_s. For an epsilon-prediction teacher, x0 = (z - sqrt(1 - abar) eps) / sqrt(abar)
+carries an error of the student's eps into x0 multiplied by sqrt((1 - abar) / abar): 14.6 at
+t = 999 on SD's schedule (abar = 0.0047), 2.3 at 599. A saved student carries its t_s in its
+one-step scheduler (`one_step_scheduler`, read back by `timestep_of`).
 """
 
 from __future__ import annotations
