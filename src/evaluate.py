@@ -103,7 +103,6 @@ def image_batches(folder: Path, records: list[dict], batch_size: int):
 def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, batch_size: int) -> dict[str, Generator]:
     """The three generators of the comparison, on the same prompts and seeds."""
     from .onestep import generate as one_step
-    from .onestep import timestep_of
     from .teacher import alphas_cumprod, load_pipeline
 
     teacher = load_pipeline(teacher_dir)
@@ -126,8 +125,7 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
     return {
         "teacher_1": teacher_gen(1),
         f"teacher_{cfg.teacher_steps}": teacher_gen(cfg.teacher_steps),
-        "student_1": lambda p, s: one_step(student, student.unet, p, s, abar, batch_size,
-                                           timestep=timestep_of(student)),
+        "student_1": lambda p, s: one_step(student, student.unet, p, s, abar, batch_size),
     }
 
 

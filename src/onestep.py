@@ -85,13 +85,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def generate(pipe, unet, prompts: list[str], seeds: list[int], alphas_cumprod: torch.Tensor,
              batch_size: int = 32, device: torch.device | str = "cpu", timestep: int | None = None) -> np.ndarray:
     """uint8 (N, H, W, 3) one-step images for `prompts`; image i depends only on prompts[i], seeds[i].
-    `timestep`: the student's t_s (None: T-1; a saved student's is `timestep_of(pipe)`)."""
+    `timestep`: the student's t_s; None reads it from `pipe` (`timestep_of`: a saved student's own
+    t_s, T-1 for a teacher pipeline)."""
     from .teacher import encode_prompts
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    timestep = timestep_of(pipe) if timestep is None else timestep
     dtype = next(unet.parameters()).dtype
     out = []
     for i in range(0, len(prompts), batch_size):

@@ -69,7 +69,7 @@ def test_export_without_student_says_what_to_run(tmp_path):
         export(ExportConfig(), Paths(student=tmp_path / "none", out=tmp_path / "o", reports=tmp_path / "r"))
 
 
-def test_onnx_images_match_the_pytorch_student_for_the_same_seeds(onnx_dir, micro_student):
+def test_onnx_images_match_the_pytorch_student_for_the_same_seeds(onnx_dir, micro_student, micro_models):
     from src.infer import generate, load_artifact
     from src.onestep import generate as torch_generate
     from src.onestep import timestep_of
@@ -80,6 +80,11 @@ def test_onnx_images_match_the_pytorch_student_for_the_same_seeds(onnx_dir, micr
     seeds = [11, 12, 13]
     assert timestep_of(pipe) == 899 == json.loads((folder / "onestep.json").read_text())["timestep"]
     expected = torch_generate(pipe, pipe.unet, PROMPTS, seeds, alphas_cumprod(pipe), timestep=899)
+    # Without a timestep, generate reads the saved student's own from its scheduler, also when given
+    # the teacher's whole schedule (as evaluate does).
+    full = alphas_cumprod(load_pipeline(str(micro_models[0] / "teacher")))
+    assert len(full) == 1000
+    assert np.array_equal(torch_generate(pipe, pipe.unet, PROMPTS, seeds, full), expected)
     art = load_artifact(folder, "fp32", "cpu")
     got = np.stack([img for _, img in generate(art, PROMPTS, seeds, batch_size=2)])
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1       # uint8 rounding at most

@@ -50,7 +50,6 @@ def bench_inference(student: Path, onnx_dir: Path, teacher: str, prompts: list[s
     from ..infer import generate as ort_generate
     from ..infer import load_artifact
     from ..onestep import generate as torch_generate
-    from ..onestep import timestep_of
     from ..teacher import alphas_cumprod, load_pipeline
 
     student_pipe, teacher_pipe = load_pipeline(str(student)), load_pipeline(teacher)
@@ -62,8 +61,7 @@ def bench_inference(student: Path, onnx_dir: Path, teacher: str, prompts: list[s
         runs = {
             f"onnx_fp32_b{b}": lambda: list(ort_generate(arts["fp32"], ps, seeds, b)),
             f"onnx_fp16_b{b}": lambda: list(ort_generate(arts["fp16"], ps, seeds, b)),
-            f"torch_student_b{b}": lambda: torch_generate(student_pipe, student_pipe.unet, ps, seeds, abar, b,
-                                                          timestep=timestep_of(student_pipe)),
+            f"torch_student_b{b}": lambda: torch_generate(student_pipe, student_pipe.unet, ps, seeds, abar, b),
             f"teacher_{teacher_steps}_b{b}": lambda: teacher_pipe(
                 ps, num_inference_steps=teacher_steps, guidance_scale=guidance, output_type="np",
                 generator=[torch.Generator().manual_seed(s) for s in seeds]),
