@@ -347,8 +347,25 @@ def save_teacher(out: Path, tokenizer, text_encoder, vae, unet, tokenizer_dir: P
     extra = {name: (tokenizer_dir / name).read_bytes() for name in ("vocab.json", "merges.txt")}
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        declare_float32(tmp)
         for name, data in extra.items():
             (tmp / "tokenizer" / name).write_bytes(data)
+
+
+def declare_float32(folder: Path) -> None:
+    """Mark the transformers components of a saved pipeline as float32 (the weights stay fp16 on disk).
+
+    transformers 5 loads a model in the dtype its config.json names, diffusers loads its models in
+    float32: left as "float16", `StableDiffusionPipeline.from_pretrained(folder)` without a dtype
+    pairs a half text encoder with a float UNet and the first call fails ("mat1 and mat2 must have
+    the same dtype"). Declared float32, every part loads as float32, as an SD checkpoint's main
+    branch does.
+    """
+    for config in folder.glob("*/config.json"):
+        spec = json.loads(config.read_text(encoding="utf-8"))
+        if "transformers_version" in spec and spec.get("dtype") not in (None, "float32"):
+            spec["dtype"] = "float32"
+            config.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_evaluator(out: Path, model, tokenizer, resolution: int) -> None:

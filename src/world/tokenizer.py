@@ -68,16 +68,18 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
 def build_tokenizer(out_dir: Path, words: list[str] | None = None) -> CLIPTokenizer:
     """Learn merges for `words` (default: the grammar's vocabulary) and save to `out_dir`."""
     merges = learn_merges(words or vocabulary())
-    vocab = clip_vocab(merges)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=list(merges),
-                              model_max_length=MAX_LENGTH)
     with atomic_dir(out_dir) as tmp:
-        tokenizer.save_pretrained(tmp)
-        # The slow-tokenizer files too, so that older transformers releases load it as well.
-        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (tmp / "merges.txt").write_text(
-            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        save_tokenizer(tmp, clip_vocab(merges), merges)
     return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def save_tokenizer(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]], **special: str) -> None:
+    """A CLIPTokenizer folder: tokenizer.json + config, and the slow-tokenizer files (vocab.json,
+    merges.txt) that SD folders carry and older transformers releases read. `special`: e.g. pad_token."""
+    CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=MAX_LENGTH, **special).save_pretrained(folder)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
