@@ -91,6 +91,18 @@ class DistillConfig(Section):
     """The distill stage: SwiftBrush VSD (DESIGN.md section 5). Paper values in the descriptions."""
 
     teacher: str = Field("models/teacher", description="diffusers SD pipeline folder, or a cached hub id")
+    resolution: int | None = Field(
+        None, ge=16, le=2048, multiple_of=8, description="image side the student is trained and saved at; "
+                                                          "null = the teacher's native size (SD 2.1-base: 512)")
+    student: Literal["full", "lora"] = Field(
+        "full", description="full: a trainable copy of the teacher UNet (paper); lora: a LoRA adapter on the "
+                            "teacher's own UNet (SwiftBrush v2's efficient scheme: no second UNet, no full Adam state)")
+    student_lora_rank: int = Field(256, ge=1, le=4096, description="LoRA-student rank (v2: 256)")
+    student_lora_alpha: float = Field(512.0, gt=0.0, description="LoRA-student alpha (v2: 512)")
+    student_lora_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+                                            description="modules the LoRA student adapts")
+    frozen_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the frozen text encoder and VAE (bfloat16 halves their memory)")
     steps: int = Field(1000, ge=1, description="optimisation steps (paper: ~244k at batch 16 x 8 GPUs)")
     batch_size: int = Field(16, ge=1, le=4096, description="prompts per step per process (paper: 16)")
     lora_lr: float = Field(1e-3, gt=0.0, le=1.0, description="LoRA-teacher Adam lr (paper: 1e-3)")

@@ -18,6 +18,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -37,7 +38,7 @@ from .fileio import atomic_dir, write_json
 from .onestep import decode, generate, initial_noise, one_step_scheduler, student_timestep, student_x0
 from .prepare import derive_seed, read_prepared
 from .teacher import alphas_cumprod, encode_prompts, load_pipeline
-from .vsd import LoRALoss, VSDLoss
+from .vsd import LoRALoss, VSDLoss, adapters
 
 
 @dataclass
@@ -108,10 +109,6 @@ def clip_weight(base: float, step: int, total: int, schedule: str) -> float:
     return base if schedule == "constant" else base * max(0.0, 1 - step / max(total, 1))
 
 
-def lora_state(unet) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items() if "lora_" in k}
-
-
 def save_student(out: Path, pipe, student, timestep: int) -> None:
     """A complete diffusers pipeline: student UNet, the teacher's other parts, a one-step scheduler
     at the student's timestep (one DDIM step there with alpha_prev = 1 returns exactly its x0)."""
@@ -139,32 +136,48 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     prompts = [r["prompt"] for r in read_prepared(paths.train_prompts)]
     val_records = read_prepared(paths.eval_prompts, cfg.val_prompts) if paths.eval_prompts.is_file() else []
 
-    # ---- models: frozen teacher + LoRA teacher (one UNet), trainable student copy
+    # ---- models: frozen teacher + LoRA teacher (one UNet), trainable student (a copy, or an adapter on it)
+    if cfg.student == "lora" and world > 1:
+        raise UserError("distill.student: lora trains in one process (its adapter shares the teacher's UNet, "
+                        "which DDP cannot wrap twice); use distill.student: full with several processes")
     pipe = load_pipeline(cfg.teacher)
-    pipe.text_encoder.requires_grad_(False).to(device)
-    pipe.vae.requires_grad_(False).to(device)
+    frozen = getattr(torch, cfg.frozen_dtype)
+    pipe.text_encoder.requires_grad_(False).to(device, frozen)
+    pipe.vae.requires_grad_(False).to(device, frozen)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     abar = alphas_cumprod(pipe).to(device)
     t_student = student_timestep(abar, cfg.student_timestep)                          # T-1 unless set
-    student = copy.deepcopy(pipe.unet).train().requires_grad_(True)
+    latent = latent_size(pipe, cfg.resolution)
+    pipe.unet.register_to_config(sample_size=latent)         # the student is trained and saved at this size
     teacher = pipe.unet.requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True) if cfg.student == "full" else teacher
     torch.manual_seed(derive_seed(seed, "lora-init"))  # LoRA A matrices are drawn from the global RNG
     teacher.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                   target_modules=list(cfg.lora_targets), init_lora_weights=True))
-    lora_params = [p for n, p in teacher.named_parameters() if "lora_" in n]
-    for p in lora_params:
+                                   target_modules=list(cfg.lora_targets), init_lora_weights=True), SCORE)
+    lora_params = adapter_params(teacher, SCORE)
+    if cfg.student == "lora":        # SwiftBrush v2's efficient student: B = 0 at the start, so it is the teacher
+        torch.manual_seed(derive_seed(seed, "student-lora-init"))
+        teacher.add_adapter(LoraConfig(r=cfg.student_lora_rank, lora_alpha=cfg.student_lora_alpha,
+                                       target_modules=list(cfg.student_lora_targets), init_lora_weights=True),
+                            STUDENT)
+        student_params = adapter_params(teacher, STUDENT)
+    else:
+        student_params = list(student.parameters())
+    for p in lora_params + student_params:
         p.requires_grad_(True)
     student.to(memory_format=torch.channels_last)    # 4-D weights NHWC: the step is 1.06x faster on this
     teacher.to(memory_format=torch.channels_last)    # CPU (oneDNN; reports/distill/sweep.md); same mathematics
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         teacher.enable_gradient_checkpointing()
-    opt_student = torch.optim.Adam(student.parameters(), lr=lr)
+    as_student = student_mode(cfg.student)
+    opt_student = torch.optim.Adam(student_params, lr=lr)
     opt_lora = torch.optim.Adam(lora_params, lr=cfg.lora_lr)
-    ema = student_ema(student, cfg.ema_decay)
-    vsd_loss = VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale)
-    lora_loss = LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting)
-    uncond = encode_prompts(pipe, [""], device)                                        # (1, 77, D)
+    ema = student_ema(student_params, cfg.ema_decay)
+    vsd_loss = VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale,
+                       SCORE)
+    lora_loss = LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting, SCORE)
+    uncond = encode_prompts(pipe, [""], device).float()                                # (1, 77, D)
     clip_loss = None
     if cfg.clip_model is not None:
         from .clip_loss import load_clip_loss
@@ -173,6 +186,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
 
     # ---- resume
     start, live_step, fp = 0, 0, fingerprint(cfg, lr, seed, inputs_digest(paths.train_prompts))
+    t_resume = time.perf_counter()
     found = checkpoint.latest(paths.checkpoints, max_step=cfg.steps)   # a longer run's later ones are not ours
     if acc.is_main_process and checkpoint.discard_after(paths.checkpoints, cfg.steps):
         acc.print(f"checkpoints in {paths.checkpoints} beyond distill.steps={cfg.steps} (a longer run) removed")
@@ -183,21 +197,29 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         found = None
     if found:
         folder, state = found
-        student.load_state_dict(torch.load(folder / "student.pt", map_location="cpu", weights_only=True))
+        saved = torch.load(folder / "student.pt", map_location="cpu", weights_only=True)
+        if cfg.student == "full":
+            student.load_state_dict(saved)
+        else:
+            teacher.load_state_dict(saved, strict=False)
         teacher.load_state_dict(torch.load(folder / "lora.pt", map_location="cpu", weights_only=True), strict=False)
         opt_student.load_state_dict(torch.load(folder / "opt_student.pt", weights_only=True))
         opt_lora.load_state_dict(torch.load(folder / "opt_lora.pt", weights_only=True))
         if ema is not None:
             ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
         start, live_step = state["step"], state["live_step"]
-        acc.print(f"resuming from {folder} (step {start})")
-    student, opt_student, teacher, opt_lora = acc.prepare(student, opt_student, teacher, opt_lora)
+        acc.print(f"resuming from {folder} (step {start}; verified and loaded in "
+                  f"{time.perf_counter() - t_resume:.1f} s)")
+    if cfg.student == "full":
+        student, opt_student, teacher, opt_lora = acc.prepare(student, opt_student, teacher, opt_lora)
+    else:                               # one process (checked above): nothing to wrap
+        opt_student, opt_lora = acc.prepare(opt_student, opt_lora)
     if ema is not None:
         ema.to(device)
 
     t_start, steps_run = time.perf_counter(), cfg.steps - start
     live = _open_live(paths.reports, resume=found is not None, step=live_step) if acc.is_main_process else None
-    shape = (acc.unwrap_model(student).config.in_channels,) + (acc.unwrap_model(student).config.sample_size,) * 2
+    shape = (acc.unwrap_model(student).config.in_channels, latent, latent)
     nonfinite = {"student": 0, "lora": 0}
     skipped = 0
     history: list[dict] = []
@@ -208,7 +230,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         gen = torch.Generator().manual_seed(derive_seed(seed, "distill", rank, step))
         idx = batch_indices(len(prompts), cfg.batch_size, step, rank, world, seed)
         batch_prompts = [prompts[i] for i in idx]
-        cond = encode_prompts(pipe, batch_prompts, device)                              # (B, 77, D)
+        cond = encode_prompts(pipe, batch_prompts, device).float()                      # (B, 77, D)
         z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], shape).to(device)
 
         lr_now = student_lr(lr, step, cfg.steps, cfg.lr_schedule)
@@ -217,16 +239,18 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
 
         # 1-2. student update: VSD gradient through x0 = f(student(z, t_s, c))
         with acc.autocast():
-            x0 = student_x0(student, z, cond, abar, prediction, t_student)              # (B, 4, h, w)
+            with as_student(student):
+                x0 = student_x0(student, z, cond, abar, prediction, t_student)          # (B, 4, h, w)
             loss_vsd, stats = vsd_loss(teacher, x0, cond, uncond, abar, gen)
             loss_student = loss_vsd
             w_clip = clip_weight(cfg.clip_weight, step, cfg.steps, cfg.clip_schedule) if clip_loss else 0.0
             if w_clip > 0:      # v2: clamped CLIP loss on the decoded image, gradient through the frozen VAE
-                loss_c, cstats = clip_loss(decode(pipe.vae, x0), clip_loss.text_features(batch_prompts))
+                loss_c, cstats = clip_loss(decode(pipe.vae, x0.to(frozen)).float(),
+                                           clip_loss.text_features(batch_prompts))
                 loss_student = loss_vsd + w_clip * loss_c
                 stats.update(cstats)
         acc.backward(loss_student)
-        gnorm_s = acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        gnorm_s = acc.clip_grad_norm_(student_params, cfg.grad_clip)
         ok_s = _finite(loss_student, gnorm_s)
         _step_or_skip(opt_student, ok_s)
 
@@ -249,7 +273,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                                      f"{step} (loss or gradient NaN/inf); lower `lr`/`distill.lora_lr` or use "
                                      "mixed_precision: bf16 instead of fp16")
         if ema is not None and ok_s:
-            ema.step(student.parameters())
+            ema.step(student_params)
         samples_seen += cfg.batch_size * world
         done = step + 1
 
@@ -267,7 +291,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                 live.log_metric(f"train/{k}", v)
             bar.set_postfix(vsd=f"{row['loss_vsd']:.2e}", lora=f"{row['loss_lora']:.3f}", refresh=False)
         if acc.is_main_process and val_records and (done % cfg.val_every == 0 or done == cfg.steps):
-            val = validate(pipe, shipped(acc.unwrap_model(student), ema), val_records, abar, t_student)
+            with shipped_weights(student_params, ema), as_student(student):
+                val = validate(pipe, acc.unwrap_model(student), val_records, abar, t_student)
             history.append({"step": done, **val})
             for k, v in val.items():
                 live.log_metric(f"val/{k}", v)
@@ -276,8 +301,13 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                _save_checkpoint(paths.checkpoints, done, fp, live.step, cfg.keep_checkpoints,
-                                 acc.unwrap_model(student), acc.unwrap_model(teacher), opt_student, opt_lora, ema)
+                t_save = time.perf_counter()
+                folder = _save_checkpoint(paths.checkpoints, done, fp, live.step, cfg.keep_checkpoints,
+                                          student_state(acc.unwrap_model(student), cfg.student),
+                                          adapter_state(acc.unwrap_model(teacher), SCORE), opt_student, opt_lora, ema)
+                size = sum(f.stat().st_size for f in folder.iterdir())
+                bar.write(f"checkpoint {folder}: {size / 2**30:.2f} GiB written and hashed in "
+                          f"{time.perf_counter() - t_save:.1f} s")
 
     # ---- output
     acc.wait_for_everyone()
@@ -288,10 +318,14 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                     "samples_per_s": round(steps_run * cfg.batch_size * world / wall, 2) if wall else None,
                     "peak_memory_mb": _peak_memory_mb(device), "processes": world}
     if acc.is_main_process:
-        final = shipped(acc.unwrap_model(student), ema).eval()
+        with shipped_weights(student_params, ema):
+            final = (shipped(acc.unwrap_model(student), None) if cfg.student == "full"
+                     else merge_adapter(teacher, STUDENT)).eval()
         if val_records:
             result["final"] = validate(pipe, final, val_records, abar, t_student)
         final = final.to(memory_format=torch.contiguous_format)                        # safetensors wants contiguous
+        if frozen != torch.float32:     # ship the teacher's own float32 text encoder and VAE, not rounded copies
+            pipe.text_encoder, pipe.vae = float32_parts(cfg.teacher)
         save_student(paths.student, pipe, final, t_student)
         write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
                    | {"val_curve": history})
@@ -299,12 +333,92 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     return result
 
 
-def student_ema(student, decay: float | None):
-    """EMA of the student's weights, or None. diffusers' EMAModel warms the decay up: its k-th update
-    (k >= 2) uses min(decay, k / (9 + k)), so decay 0.995 binds only from the 1791st update on."""
+def student_ema(params, decay: float | None):
+    """EMA of the student's trainable weights, or None. diffusers' EMAModel warms the decay up: its
+    k-th update (k >= 2) uses min(decay, k / (9 + k)), so decay 0.995 binds only from the 1791st update on."""
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(student.parameters(), decay=decay) if decay else None
+    return EMAModel(list(params), decay=decay) if decay else None
+
+
+# Adapter names on the teacher UNet: the LoRA teacher (the student-score network) and the LoRA student.
+SCORE, STUDENT = "default", "student"
+
+
+def adapter_params(unet, name: str) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of adapter `name`."""
+    return [p for n, p in unet.named_parameters() if "lora_" in n and f".{name}." in n]
+
+
+def adapter_state(unet, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s LoRA tensors, keyed as in the UNet's state dict (a checkpoint's lora.pt)."""
+    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items() if "lora_" in k and f".{name}." in k}
+
+
+def student_state(student, kind: str) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the student: every weight (full) or its adapter only (lora)."""
+    return student.state_dict() if kind == "full" else adapter_state(student, STUDENT)
+
+
+def student_mode(kind: str):
+    """Context in which a UNet call is the student's: nothing to switch for a full copy; for the LoRA
+    student, its adapter on (and the LoRA teacher's off)."""
+    if kind == "full":
+        return lambda unet: contextlib.nullcontext()
+    return lambda unet: adapters(unet, enabled=True, name=STUDENT)
+
+
+@contextlib.contextmanager
+def shipped_weights(params: list[torch.nn.Parameter], ema):
+    """Inside: the student's parameters hold the weights that ship (the EMA average when enabled)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def merge_adapter(unet, name: str):
+    """A plain UNet2DConditionModel with adapter `name` merged into its base weights (W + scale B A);
+    the other adapters are left out. What a stock diffusers pipeline loads."""
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.lora import LoraLayer
+
+    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        for module_name, module in unet.named_modules():
+            if isinstance(module, LoraLayer) and name in module.lora_A:
+                key = f"{module_name}.weight"
+                state[key] = state[key] + module.get_delta_weight(name).to(state[key].dtype)
+    merged = UNet2DConditionModel.from_config(unet.config)
+    merged.load_state_dict(state)
+    return merged
+
+
+def float32_parts(teacher: str):
+    """The teacher's text encoder and VAE as stored (float32), for the saved student pipeline."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    return (CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", dtype=torch.float32),
+            AutoencoderKL.from_pretrained(teacher, subfolder="vae", torch_dtype=torch.float32))
+
+
+def latent_size(pipe, resolution: int | None) -> int:
+    """The latent side for `distill.resolution` (None: the teacher UNet's own sample_size)."""
+    if resolution is None:
+        return int(pipe.unet.config.sample_size)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    multiple = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise UserError(f"distill.resolution = {resolution}: this teacher needs a multiple of {multiple} "
+                        f"(VAE downsampling {vae_scale} x the UNet's {multiple // vae_scale}); "
+                        f"its native size is {pipe.unet.config.sample_size * vae_scale}")
+    return resolution // vae_scale
 
 
 def shipped(student, ema):
@@ -357,17 +471,17 @@ def _open_live(reports: Path, resume: bool, step: int):
     return live
 
 
-def _save_checkpoint(root: Path, step: int, fp: str, live_step: int, keep: int, student, teacher,
-                     opt_student, opt_lora, ema) -> None:
+def _save_checkpoint(root: Path, step: int, fp: str, live_step: int, keep: int, student: dict, lora: dict,
+                     opt_student, opt_lora, ema) -> Path:
     def write(folder: Path) -> None:
-        torch.save(student.state_dict(), folder / "student.pt")
-        torch.save(lora_state(teacher), folder / "lora.pt")
+        torch.save(student, folder / "student.pt")
+        torch.save(lora, folder / "lora.pt")
         torch.save(opt_student.state_dict(), folder / "opt_student.pt")
         torch.save(opt_lora.state_dict(), folder / "opt_lora.pt")
         if ema is not None:
             torch.save(ema.state_dict(), folder / "ema.pt")
 
-    checkpoint.save(root, step, {"fingerprint": fp, "live_step": live_step}, write, keep)
+    return checkpoint.save(root, step, {"fingerprint": fp, "live_step": live_step}, write, keep)
 
 
 @torch.no_grad()

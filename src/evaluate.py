@@ -111,14 +111,17 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
     student = load_pipeline(str(student_dir))
     abar = alphas_cumprod(teacher)
 
-    shape = (teacher.unet.config.in_channels,) + (teacher.unet.config.sample_size,) * 2
+    # Every generator draws at the student's size (distill.resolution; the teacher's own unless set).
+    side = student.unet.config.sample_size
+    shape = (teacher.unet.config.in_channels, side, side)
+    pixels = side * teacher.vae_scale_factor
 
     def teacher_gen(steps: int) -> Generator:
         # The same seed -> noise convention as the student (src/noise.py): the teacher and the
         # student start every prompt from the same latent (the pipeline scales it by init_noise_sigma).
         def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
             out = teacher(prompts, num_inference_steps=steps, guidance_scale=cfg.guidance_scale, output_type="np",
-                          latents=torch.from_numpy(initial_noise(seeds, shape))).images
+                          height=pixels, width=pixels, latents=torch.from_numpy(initial_noise(seeds, shape))).images
             return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
         return run
 

@@ -183,7 +183,10 @@ def parity(pipe, files: dict[str, Path], prompts: list[str], seeds: list[int]) -
         ref = OneStepGraph(pipe).eval()(torch.from_numpy(ids), torch.from_numpy(noise)).numpy()
     out = {}
     for name, f in files.items():
-        got = run_session(f).run(["images"], {"input_ids": ids, "noise": noise})[0]
+        t0 = time.perf_counter()
+        session = run_session(f)
+        out[f"session_load_s_{name}"] = round(time.perf_counter() - t0, 1)
+        got = session.run(["images"], {"input_ids": ids, "noise": noise})[0]
         out[f"psnr_{name}"] = round(psnr(got, ref), 3)
         out[f"max_abs_err_{name}"] = float(np.abs(got - ref).max())
     return out
@@ -203,11 +206,14 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
         for f in files.values():
             f.parent.mkdir(parents=True)
         export_fp32(pipe, files["fp32"], cfg.opset)
+        t_fp16 = time.perf_counter()
         export_fp16(files["fp32"], files["fp16"])
+        timings = {"export_fp32_s": round(t_fp16 - t0, 1), "convert_fp16_s": round(time.perf_counter() - t_fp16, 1)}
         pipe.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         c = contract(pipe)
         (tmp / "onestep.json").write_text(json.dumps(c, indent=2) + "\n")
-        metrics = parity(pipe, files, prompts, seeds)
+        metrics = parity(pipe, files, prompts, seeds) | timings
+        metrics |= {f"external_data_{k}": (f.parent / (f.name + ".data")).is_file() for k, f in files.items()}
         metrics |= {f"size_mb_{k}": round(sum(p.stat().st_size for p in f.parent.iterdir()) / 2**20, 2)
                     for k, f in files.items()}
         metrics["export_s"] = round(time.perf_counter() - t0, 1)

@@ -73,20 +73,29 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch
 
 
 @contextlib.contextmanager
-def adapters(unet, enabled: bool) -> Iterator[None]:
-    """Run `unet` with its LoRA adapters on (the LoRA teacher) or off (the frozen teacher).
+def adapters(unet, enabled: bool, name: str | None = None) -> Iterator[None]:
+    """Run `unet` with its LoRA adapters on (the LoRA teacher; adapter `name` when given, else the
+    active one) or off (the frozen teacher).
 
-    Works through a DistributedDataParallel wrapper (toggles the wrapped module).
+    Which parameters train is left as it was: PEFT's toggles also flip `requires_grad` of the
+    adapters they switch off, and a leaf that stops requiring grad between the forward pass and
+    `backward()` silently receives no gradient (the LoRA student shares this UNet). Works through
+    a DistributedDataParallel wrapper (toggles the wrapped module).
     """
     unet = getattr(unet, "module", unet)
+    flags = [(p, p.requires_grad) for n, p in unet.named_parameters() if "lora_" in n]
     if enabled:
         unet.enable_adapters()
+        if name is not None:
+            unet.set_adapter(name)
     else:
         unet.disable_adapters()
     try:
         yield
     finally:
         unet.enable_adapters()
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def guided_eps(unet, x_t: torch.Tensor, t: torch.Tensor, abar_t: torch.Tensor, cond: torch.Tensor,
@@ -131,6 +140,7 @@ class VSDLoss:
     reduction: Reduction = "mean"        # official SwiftBrush code
     prediction_type: PredictionType = "epsilon"
     lora_guidance_scale: float | None = None   # None: guidance_scale (paper); ProlificDreamer uses 1.0
+    adapter: str | None = None           # the LoRA teacher's adapter name (None: the active one)
 
     @property
     def lora_scale(self) -> float:
@@ -148,7 +158,7 @@ class VSDLoss:
             with adapters(unet, enabled=False):
                 eps_teacher = guided_eps(unet, x_t, t, abar_t, cond, uncond, self.guidance_scale,
                                          self.prediction_type)
-            with adapters(unet, enabled=True):
+            with adapters(unet, enabled=True, name=self.adapter):
                 eps_lora = guided_eps(unet, x_t, t, abar_t, cond, uncond, self.lora_scale,
                                       self.prediction_type)
             grad = vsd_grad(eps_teacher.float(), eps_lora.float(), abar_t)
@@ -167,6 +177,7 @@ class LoRALoss:
     p_uncond: float = 0.1                # paper: 0.1
     prediction_type: PredictionType = "epsilon"
     weighting: Literal["abar", "uniform"] = "abar"   # official code: abar_t; uniform = plain DDPM loss
+    adapter: str | None = None           # the LoRA teacher's adapter name (None: the active one)
 
     def __call__(self, unet, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
@@ -178,7 +189,7 @@ class LoRALoss:
         emb = torch.where(_bcast(drop, cond).bool(), uncond.expand_as(cond), cond)
         abar_t = alphas_cumprod.to(x0.device)[t]
         x_t = add_noise(x0, eps, abar_t)
-        with adapters(unet, enabled=True):
+        with adapters(unet, enabled=True, name=self.adapter):
             out = unet(x_t, t, encoder_hidden_states=emb).sample
         eps_pred = eps_from_output(x_t, out, abar_t, self.prediction_type)
         per_sample = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").mean(dim=(1, 2, 3))

@@ -85,9 +85,9 @@ def test_student_ema_follows_the_documented_warm_up():
     first copies the weights), as params.yaml and the config describe; checked by a recurrence."""
     from src.distill import student_ema
 
-    assert student_ema(torch.nn.Linear(2, 2), None) is None
+    assert student_ema(torch.nn.Linear(2, 2).parameters(), None) is None
     model = torch.nn.Linear(3, 2)
-    ema = student_ema(model, 0.8)
+    ema = student_ema(model.parameters(), 0.8)
     gen = torch.Generator().manual_seed(0)
     expected = None
     for k in range(1, 41):                                   # k / (9 + k) passes 0.8 at k = 36

@@ -1,0 +1,498 @@
+"""Real-size rehearsal: Stable Diffusion 1.5 / 2.1-base / 2.1 layouts through every real stage.
+
+    python -m src.bench.fullsize --arch sd21-base                  # full size (~0.87B UNet), CPU, ~1 h
+    python -m src.bench.fullsize --arch sd15 sd21-base sd21 --scale tiny --work /tmp/fs   # minutes
+    python -m src.bench.fullsize --arch sd21-base --levers         # + the memory-lever table
+
+For each teacher: write its folder (src/layout.py, random weights), a small COCO-format set
+(captions JSON + JPEGs) and a params.yaml, then run the stages exactly as DVC does, each as
+its own process (`python -m src.<stage>`), measuring wall time and peak resident memory:
+
+    layout -> prepare (that teacher's tokenizer) -> distill (killed after its first checkpoint,
+    then resumed) -> the saved student loaded by stock diffusers -> evaluate (COCO mode) ->
+    export (fp32 + fp16 ONNX) -> python -m src.infer (fp32, fp16) with parity vs PyTorch
+
+Writes reports/fullsize/metrics.json (one entry per teacher, merged with what is there) and
+reports/fullsize/README.md. A stage whose resident memory passes --limit-gb is stopped and
+reported as not fitting. Random weights prove code paths, memory, sizes and speeds; no
+image quality is measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError, run_cli
+from ..fileio import atomic_file, write_json
+
+REPO = Path(__file__).resolve().parents[2]
+CAPTIONS = ["a photo of a cat sitting on a wooden table", "a red bus driving down a city street",
+            "two people riding horses on a beach at sunset", "a bowl of fruit next to a window",
+            "an airplane flying over snowy mountains", "a dog catching a frisbee in a park",
+            "a plate of pasta with tomato sauce", "a lighthouse on a rocky coast at night"]
+
+
+@dataclass
+class StageRun:
+    """One stage process: how it ended, how long it took, how much memory it held at most."""
+
+    ok: bool
+    wall_s: float
+    peak_rss_gb: float
+    returncode: int | None
+    log: str
+    note: str = ""
+
+    def row(self) -> dict:
+        out = {"ok": self.ok, "wall_s": round(self.wall_s, 1), "peak_rss_gb": round(self.peak_rss_gb, 2)}
+        return out | ({"note": self.note} if self.note else {})
+
+
+def _rss_gb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def run_stage(argv: list[str], cwd: Path, log: Path, limit_gb: float, kill_when=None) -> StageRun:
+    """Run `python <argv>` in `cwd` with the repository importable; stop it when its memory passes
+    `limit_gb`, or (SIGKILL) when `kill_when()` turns true. Peak RSS from the kernel (wait4)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TQDM_MININTERVAL="5")
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        note, seen = "", 0.0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            seen = max(seen, _rss_gb(proc.pid))
+            if seen > limit_gb and not note:
+                note = f"stopped: resident memory passed {limit_gb} GB"
+                proc.kill()
+            elif kill_when is not None and not note and kill_when():
+                note = "killed (SIGKILL) as planned"
+                os.kill(proc.pid, signal.SIGKILL)
+            time.sleep(0.2)
+    code = os.waitstatus_to_exitcode(status)
+    peak = max(seen, usage.ru_maxrss / 2**20)
+    return StageRun(code == 0, time.perf_counter() - t0, peak, code, log.read_text(errors="replace"), note)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def write_coco_set(root: Path, n_images: int = 4) -> Path:
+    """captions_val2014.json (annotations format) + val2014/COCO_val2014_<id>.jpg of odd sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = root / "val2014"
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        h, w = int(rng.integers(200, 320)), int(rng.integers(200, 320))
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([(xx * (i + 1) * 3) % 256, (yy * 5 + 40 * i) % 256, ((xx + yy) * 2) % 256], -1)
+        Image.fromarray(img.astype(np.uint8)).save(images / f"COCO_val2014_{i + 1:012d}.jpg", quality=90)
+    anns = [{"image_id": i % n_images + 1, "id": 100 + i, "caption": c} for i, c in enumerate(CAPTIONS)]
+    path = root / "captions_val2014.json"
+    path.write_text(json.dumps({"annotations": anns, "images": [{"id": i + 1} for i in range(n_images)]}))
+    return path
+
+
+def write_inception(path: Path) -> Path:
+    """clean-fid's weights-file interface (TorchScript with `.layers` -> 2048 features), holding a
+    torchvision Inception-v3 with random weights: the real network's size and cost, no download."""
+    import torch
+    from torchvision.models import inception_v3
+
+    class RandomInception(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            net = inception_v3(weights=None, aux_logits=False, init_weights=False)
+            blocks = [m for name, m in net.named_children() if name not in ("AuxLogits", "dropout", "fc")]
+            self.layers = torch.nn.Sequential(*blocks[:-1], torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+        def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+            return self.layers(x)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(RandomInception().eval()), str(path))
+    return path
+
+
+def write_clip(folder: Path, tokenizer: Path) -> Path:
+    """A transformers CLIPModel folder at ViT-B/32 size with random weights (the CLIP-score model)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    import torch
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config={"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
+                                              "num_hidden_layers": 12},
+                                 vision_config={"hidden_size": 768, "intermediate_size": 3072,
+                                                "num_attention_heads": 12, "num_hidden_layers": 12, "patch_size": 32},
+                                 projection_dim=512))
+    model.save_pretrained(folder, safe_serialization=True)
+    tok = CLIPTokenizer.from_pretrained(tokenizer)
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class Settings:
+    """What one rehearsal runs (the user-facing settings it exercises)."""
+
+    resolution: int = 128          # distill.resolution: every stage draws at this size
+    steps: int = 3                 # distill steps; the first checkpoint is at step 2, the kill after it
+    student: str = "full"
+    gradient_checkpointing: bool = True
+    frozen_dtype: str = "bfloat16"
+    eval_prompts: int = 4
+    teacher_steps: int = 10
+    extra: dict = field(default_factory=dict)
+
+
+def params_yaml(s: Settings, coco: Path) -> str:
+    cfg = {
+        "seed": 0, "lr": 1e-6,
+        "prepare": {"tokenizer": "teacher",
+                    "train": {"source": "coco", "path": str(coco / "captions_val2014.json")},
+                    "eval": {"source": "coco", "path": str(coco / "captions_val2014.json"), "limit": s.eval_prompts,
+                             "dedupe": False}},
+        "distill": {"teacher": "teacher", "steps": s.steps, "batch_size": 1, "resolution": s.resolution,
+                    "student": s.student, "gradient_checkpointing": s.gradient_checkpointing,
+                    "frozen_dtype": s.frozen_dtype, "checkpoint_every": 2, "keep_checkpoints": 1, "log_every": 1,
+                    "val_every": 1000, "val_prompts": 1, "student_timestep": None, **s.extra},
+        "evaluate": {"mode": "coco", "coco": {"images": str(coco / "val2014"),
+                                              "inception": str(coco / "inception" / "inception-2015-12-05.pt"),
+                                              "clip": str(coco / "clip")},
+                     "teacher_steps": s.teacher_steps, "batch_size": 2, "grid_rows": 2},
+        "export": {"parity_prompts": 2},
+    }
+    return json.dumps(cfg, indent=2)      # JSON is YAML
+
+
+# --------------------------------------------------------------------------- the rehearsal
+
+
+def _grep(pattern: str, text: str, cast=float):
+    m = re.search(pattern, text)
+    return cast(m.group(1)) if m else None
+
+
+def dir_gb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30 if path.exists() else 0.0
+
+
+STOCK_CHECK = r"""
+import sys, time, numpy as np, torch
+from PIL import Image
+from diffusers import StableDiffusionPipeline
+from src.noise import initial_noise
+t0 = time.perf_counter()
+pipe = StableDiffusionPipeline.from_pretrained("models/student")      # the stock line, no dtype
+pipe.set_progress_bar_config(disable=True)
+t1 = time.perf_counter()
+side = pipe.unet.config.sample_size
+latents = torch.from_numpy(initial_noise([int(sys.argv[2])], (pipe.unet.config.in_channels, side, side)))
+img = pipe(sys.argv[1], num_inference_steps=1, guidance_scale=1.0, latents=latents).images[0]
+img.save("stock.png")
+print(f"stock: loaded in {t1 - t0:.1f} s, one image {img.size} in {time.perf_counter() - t1:.1f} s")
+"""
+
+
+def rehearse(arch: str, scale: str, work: Path, s: Settings, limit_gb: float) -> dict:
+    """Every stage on one teacher; returns its metrics entry."""
+    from ..export import psnr
+
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "logs").mkdir(parents=True)
+    py = lambda *a: ["-m", *a]  # noqa: E731
+    stages: dict[str, dict] = {}
+    out: dict = {"arch": arch, "scale": scale, "settings": s.__dict__, "stages": stages}
+
+    def stage(name: str, argv: list[str], **kw) -> StageRun:
+        run = run_stage(argv, work, work / "logs" / f"{name}.log", limit_gb, **kw)
+        stages[name] = run.row()
+        print(f"  {name}: {'ok' if run.ok else 'FAILED'} {run.wall_s:.0f} s, peak {run.peak_rss_gb:.1f} GB "
+              f"{run.note}", flush=True)
+        if not run.ok and not run.note.startswith("killed"):
+            stages[name]["error"] = run.log[-1500:]
+        return run
+
+    run = stage("layout", py("src.layout", "--arch", arch, "--out", "teacher", "--scale", scale))
+    if not run.ok:
+        return out
+    out["parameters"] = json.loads((work / "teacher" / "layout.json").read_text())["parameters"]
+    out["teacher_gb"] = round(dir_gb(work / "teacher"), 2)
+    coco = work / "coco"
+    write_coco_set(coco)
+    write_inception(coco / "inception" / "inception-2015-12-05.pt")
+    write_clip(coco / "clip", work / "teacher" / "tokenizer")
+    (work / "params.yaml").write_text(params_yaml(s, coco))
+
+    if not stage("prepare", py("src.prepare")).ok:
+        return out
+    # distill: kill it once its first checkpoint is complete, then resume
+    first = work / "checkpoints" / "step-000002" / "MANIFEST.json"
+    killed = stage("distill_killed", py("src.distill"), kill_when=first.is_file)
+    ck = _grep(r"checkpoint \S+: ([\d.]+) GiB written and hashed in", killed.log)
+    out["checkpoint"] = {"size_gb": ck, "save_s": _grep(r"GiB written and hashed in ([\d.]+) s", killed.log)}
+    if not first.is_file():
+        return out
+    resumed = stage("distill_resume", py("src.distill"))
+    out["checkpoint"]["resume_s"] = _grep(r"verified and loaded in ([\d.]+) s", resumed.log)
+    out["checkpoint"]["resumed_at_step"] = _grep(r"resuming from \S+ \(step (\d+)", resumed.log, int)
+    metrics = work / "reports" / "distill" / "metrics.json"
+    if metrics.is_file():
+        d = json.loads(metrics.read_text())
+        out["distill"] = {k: d.get(k) for k in ("steps_per_s", "wall_s", "peak_memory_mb")}
+    out["student_gb"] = round(dir_gb(work / "models" / "student"), 2)
+    if not resumed.ok:
+        return out
+
+    prompt, seed = CAPTIONS[0], 0
+    stage("stock_pipeline", ["-c", STOCK_CHECK, prompt, str(seed)])
+    stage("evaluate", py("src.evaluate"))
+    ev = work / "reports" / "eval" / "metrics.json"
+    if ev.is_file():
+        out["evaluate_metrics"] = json.loads(ev.read_text())
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)          # disk: the ONNX files come next
+    if not stage("export", py("src.export")).ok:
+        return out
+    ex = json.loads((work / "reports" / "export" / "metrics.json").read_text())
+    out["export"] = ex
+    out["onnx_gb"] = {p: round(dir_gb(work / "models" / "onnx" / p), 2) for p in ("fp32", "fp16")}
+    for precision in ("fp32", "fp16"):
+        run = stage(f"infer_{precision}", py("src.infer", prompt, "--seed", str(seed), "--precision", precision,
+                                             "--out", f"infer_{precision}.png"))
+        if run.ok:
+            out.setdefault("infer", {})[precision] = {
+                "load_s": _grep(r"loaded in ([\d.]+) s", run.log),
+                "first_image_s": _grep(r"image\(s\) in ([\d.]+) s", run.log)}
+    from PIL import Image
+
+    if (work / "stock.png").is_file():
+        ref = np.asarray(Image.open(work / "stock.png").convert("RGB")) / 255.0
+        for precision in ("fp32", "fp16"):
+            f = work / f"infer_{precision}.png"
+            if f.is_file():
+                out[f"psnr_{precision}"] = round(psnr(np.asarray(Image.open(f).convert("RGB")) / 255.0, ref), 2)
+    return out
+
+
+# --------------------------------------------------------------------------- memory levers
+
+
+LEVERS = [  # (name, settings): each measured by a short distill run on the same teacher
+    ("default (full student, fp32, no checkpointing)", dict(student="full", gradient_checkpointing=False,
+                                                             frozen_dtype="float32")),
+    ("+ gradient checkpointing", dict(student="full", gradient_checkpointing=True, frozen_dtype="float32")),
+    ("+ bf16 text encoder and VAE", dict(student="full", gradient_checkpointing=True, frozen_dtype="bfloat16")),
+    ("LoRA student (r=256), checkpointing, bf16 frozen", dict(student="lora", gradient_checkpointing=True,
+                                                               frozen_dtype="bfloat16")),
+    ("LoRA student alone (fp32, no checkpointing)", dict(student="lora", gradient_checkpointing=False,
+                                                         frozen_dtype="float32")),
+]
+
+
+def lever_table(arch: str, scale: str, work: Path, limit_gb: float, resolutions=(64, 128)) -> list[dict]:
+    """Peak RSS and step time of a 2-step distill per lever and resolution."""
+    rows = []
+    teacher = work / "teacher"
+    if not (teacher / "model_index.json").is_file():
+        run_stage(["-m", "src.layout", "--arch", arch, "--out", "teacher", "--scale", scale], work,
+                  work / "layout.log", limit_gb)
+    coco = work / "coco"
+    write_coco_set(coco)
+    for name, lever in LEVERS:
+        row = {"lever": name, **lever}
+        for res in resolutions:
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)
+            s = Settings(resolution=res, steps=2, **lever, extra={"checkpoint_every": 1000})
+            (work / "params.yaml").write_text(params_yaml(s, coco))
+            if not (work / "prompts" / "train.jsonl").is_file():
+                run_stage(["-m", "src.prepare"], work, work / "prepare.log", limit_gb)
+            run = run_stage(["-m", "src.distill"], work, work / f"lever-{len(rows)}-{res}.log", limit_gb)
+            live = work / "reports" / "distill" / "live" / "metrics.json"
+            step_s = None
+            if run.ok and live.is_file():
+                sps = json.loads(live.read_text()).get("train", {}).get("steps_per_s")
+                step_s = round(1 / sps, 1) if sps else None
+            row[f"peak_rss_gb_{res}"] = round(run.peak_rss_gb, 2)
+            row[f"fits_{res}"] = run.ok
+            row[f"step_s_{res}"] = step_s
+            if not run.ok and not run.note:
+                row[f"error_{res}"] = run.log[-800:]
+            print(f"  lever {name} @ {res}px: {'ok' if run.ok else 'FAILED ' + run.note} "
+                  f"peak {run.peak_rss_gb:.1f} GB, {step_s} s/step", flush=True)
+        rows.append(row | predicted_gpu_gb(arch, lever, row, resolutions))
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    return rows
+
+
+def static_gb(arch: str, lever: dict) -> dict[str, float]:
+    """Bytes that do not depend on the image size, by the arithmetic of DESIGN.md section 12."""
+    from ..layout import TEXT_ENCODER, UNET, VAE
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        n_unet = sum(p.numel() for p in UNet2DConditionModel(**UNET[arch]).parameters())
+        n_text = sum(p.numel() for p in CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER[arch])).parameters())
+        n_vae = sum(p.numel() for p in AutoencoderKL(**VAE[arch]).parameters())
+    gb = 1 / 2**30
+    frozen = 2 if lever["frozen_dtype"] == "bfloat16" else 4
+    if lever["student"] == "full":
+        trainable = n_unet
+        student_copy = 4 * n_unet
+    else:                                  # r=256 on to_q/k/v/out of every attention block: counted on the model
+        trainable = lora_student_params(arch)
+        student_copy = 0
+    return {"teacher_unet": 4 * n_unet * gb, "student_weights": student_copy * gb,
+            "student_grads_adam": 3 * 4 * trainable * gb, "text_encoder_vae": frozen * (n_text + n_vae) * gb}
+
+
+def lora_student_params(arch: str, rank: int = 256, targets=("to_q", "to_k", "to_v", "to_out.0")) -> int:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ..layout import UNET
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**UNET[arch])
+    n = 0
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear) and any(name.endswith(t) for t in targets):
+            n += rank * (m.in_features + m.out_features)
+    return n
+
+
+def predicted_gpu_gb(arch: str, lever: dict, row: dict, resolutions) -> dict:
+    """Predicted peak GPU memory at 512 px, batch 16: the static arithmetic plus activations scaled
+    from the two CPU measurements (resident-memory growth per latent pixel, linear in batch x pixels)."""
+    lo, hi = resolutions
+    a, b = row.get(f"peak_rss_gb_{lo}"), row.get(f"peak_rss_gb_{hi}")
+    static = static_gb(arch, lever)
+    out = {"static_gb": round(sum(static.values()), 1)}
+    if row.get(f"fits_{lo}") and row.get(f"fits_{hi}") and b > a:
+        per_pixel = (b - a) / ((hi / 8) ** 2 - (lo / 8) ** 2)          # GB per latent pixel, batch 1
+        out["activations_512_b16_gb"] = round(per_pixel * 64 ** 2 * 16, 1)
+        out["predicted_gpu_512_b16_gb"] = round(out["static_gb"] + out["activations_512_b16_gb"], 1)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(entries: dict, machine: str) -> str:
+    lines = ["# Real-size rehearsal", "",
+             "Stable Diffusion layouts at their published sizes (`python -m src.layout`: configs as numbers, the real "
+             "CLIP tokenizer, **random weights**) through the real stages, each run as its own process as DVC runs "
+             "it (`python -m src.bench.fullsize`). Random weights prove code paths, memory, file sizes and speeds, "
+             "never image quality: the FID and CLIP numbers of these runs mean nothing and are not shown.", "",
+             f"Machine: {machine}. Peak RSS is the kernel's maximum resident set of the stage's process.", ""]
+    for arch, e in entries.items():
+        p = e.get("parameters", {})
+        lines += [f"## {arch} ({e.get('scale')})", "",
+                  "Parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p.items()) +
+                  f"; teacher folder {e.get('teacher_gb')} GB. Settings: " +
+                  ", ".join(f"{k} {v}" for k, v in e.get("settings", {}).items() if k != "extra"), "",
+                  "| stage | ok | wall (s) | peak RSS (GB) | note |", "|---|---|---|---|---|"]
+        for name, st in e.get("stages", {}).items():
+            lines.append(f"| {name} | {'ok' if st['ok'] else 'no'} | {st['wall_s']} | {st['peak_rss_gb']} | "
+                         f"{st.get('note', '')} |")
+        ck, ex, inf = e.get("checkpoint", {}), e.get("export", {}), e.get("infer", {})
+        lines += ["", "| measure | value |", "|---|---|",
+                  f"| checkpoint size (GB) | {ck.get('size_gb')} |", f"| checkpoint write + hash (s) | {ck.get('save_s')} |",
+                  f"| checkpoint verify + load on resume (s) | {ck.get('resume_s')} |",
+                  f"| resumed at step | {ck.get('resumed_at_step')} |",
+                  f"| distill step time (s) | {round(1 / e['distill']['steps_per_s'], 1) if e.get('distill', {}).get('steps_per_s') else None} |",
+                  f"| student pipeline (GB) | {e.get('student_gb')} |",
+                  f"| ONNX fp32 / fp16 (GB) | {e.get('onnx_gb', {}).get('fp32')} / {e.get('onnx_gb', {}).get('fp16')} |",
+                  f"| external data fp32 / fp16 | {ex.get('external_data_fp32')} / {ex.get('external_data_fp16')} |",
+                  f"| export fp32 / fp16 conversion (s) | {ex.get('export_fp32_s')} / {ex.get('convert_fp16_s')} |",
+                  f"| ORT session load fp32 / fp16 (s) | {ex.get('session_load_s_fp32')} / {ex.get('session_load_s_fp16')} |",
+                  f"| export parity PSNR fp32 / fp16 (dB) | {ex.get('psnr_fp32')} / {ex.get('psnr_fp16')} |",
+                  f"| infer vs stock diffusers PSNR fp32 / fp16 (dB) | {e.get('psnr_fp32')} / {e.get('psnr_fp16')} |",
+                  f"| infer load / first image fp32 (s) | {inf.get('fp32', {}).get('load_s')} / {inf.get('fp32', {}).get('first_image_s')} |",
+                  f"| infer load / first image fp16 (s) | {inf.get('fp16', {}).get('load_s')} / {inf.get('fp16', {}).get('first_image_s')} |",
+                  ""]
+        if e.get("levers"):
+            lines += ["### Memory levers (distill, 2 steps, batch 1)", "",
+                      "Predicted GPU peak at 512 px, batch 16 = static bytes (weights, gradients, Adam moments by "
+                      "arithmetic) + activations scaled linearly from the growth of the CPU peak between 64 and "
+                      "128 px. A prediction, not a GPU measurement.", "",
+                      "| lever | peak RSS 64 px (GB) | peak RSS 128 px (GB) | s/step 128 px | static (GB) | "
+                      "predicted GPU 512 px b16 (GB) |", "|---|---|---|---|---|---|"]
+            for r in e["levers"]:
+                lines.append(f"| {r['lever']} | {r.get('peak_rss_gb_64')}{'' if r.get('fits_64') else ' (no)'} | "
+                             f"{r.get('peak_rss_gb_128')}{'' if r.get('fits_128') else ' (no)'} | {r.get('step_s_128')} | "
+                             f"{r.get('static_gb')} | {r.get('predicted_gpu_512_b16_gb', '-')} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def machine_name() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()} Linux, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, no GPU"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m src.bench.fullsize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", default=["sd21-base"], choices=["sd15", "sd21-base", "sd21"])
+    parser.add_argument("--scale", choices=("full", "tiny"), default="full")
+    parser.add_argument("--work", type=Path, default=Path("fullsize_work"), help="scratch folder (tens of GB at full size)")
+    parser.add_argument("--out", type=Path, default=Path("reports/fullsize"))
+    parser.add_argument("--resolution", type=int, default=128, help="distill.resolution of the rehearsal")
+    parser.add_argument("--limit-gb", type=float, default=22.0, help="stop a stage whose resident memory passes this")
+    parser.add_argument("--levers", action="store_true", help="also measure the memory-lever table")
+    parser.add_argument("--skip-stages", action="store_true", help="only the lever table")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
+    args = parser.parse_args(argv)
+    if args.scale == "full" and shutil.disk_usage(args.work.parent.resolve()).free < 40 * 2**30:
+        raise UserError(f"--work {args.work}: a full-size rehearsal needs ~40 GB free on that disk")
+    metrics_path = args.out / "metrics.json"
+    entries = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    key = lambda arch: arch if args.scale == "full" else f"{arch}-tiny"  # noqa: E731
+    for arch in args.arch:
+        work = args.work / arch
+        print(f"{arch} ({args.scale}) in {work}", flush=True)
+        entry = entries.get(key(arch), {}) if args.skip_stages else {}
+        if not args.skip_stages:
+            entry = rehearse(arch, args.scale, work, Settings(resolution=args.resolution), args.limit_gb)
+        if args.levers:
+            entry["levers"] = lever_table(arch, args.scale, work, args.limit_gb)
+        entries[key(arch)] = entry
+        write_json(metrics_path, entries)
+        with atomic_file(args.out / "README.md") as f:
+            f.write(report(entries, machine_name()))
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
