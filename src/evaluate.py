@@ -1,6 +1,10 @@
 """The evaluate stage: teacher 1 step, teacher N steps with CFG and the student, side by side.
 
     python -m src.evaluate            # as the DVC stage `evaluate` runs it
+    accelerate launch --num_processes 8 -m src.evaluate     # generation split over 8 processes (GPUs)
+
+With several processes each draws its share of the missing images (the same images one
+process would draw, batched the same way); the first process then computes the metrics.
 
 World mode (default): for every eval prompt, with its own seed, each generator draws one
 image (saved as PNG under eval_images/<generator>/, so an interrupted run continues where
@@ -16,6 +20,7 @@ reports/eval/grid.png.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -61,32 +66,59 @@ def tree_digest(*items: object) -> str:
         if path is not None and path.exists():
             for f in sorted([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
                 h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-                h.update(f.read_bytes())
+                with f.open("rb") as stream:                   # multi-GB weights: never whole in memory
+                    for chunk in iter(lambda: stream.read(1 << 24), b""):
+                        h.update(chunk)
         else:
             h.update(repr(item).encode())
     return h.hexdigest()
 
 
 def fill_folder(folder: Path, records: list[dict], generate: Generator, batch_size: int, desc: str,
-                fingerprint: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                fingerprint: str, transform: Callable[[np.ndarray], np.ndarray] | None = None, shards=None) -> None:
     """Generate the images that are not in `folder` yet, each written atomically.
 
     The folder remembers what made it (`fingerprint`: models, settings, prompts): a rerun with
     the same inputs continues where an interrupted one stopped; other inputs start it afresh.
+    `shards` (an accelerate PartialState): process k of N draws batches k, k + N, ... of the
+    missing images, batched exactly as one process would batch them.
     """
+    shards = shards or _single_process()
     marker = folder / ".fingerprint"
-    if folder.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
+    if shards.is_main_process:
+        if folder.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fingerprint)
+    shards.wait_for_everyone()
     todo = [r for r in records if not image_path(folder, r).is_file()]
-    for i in tqdm(range(0, len(todo), batch_size), desc=desc, disable=None, mininterval=2):
+    shards.wait_for_everyone()        # every process has listed the same missing images before any is written
+    starts = list(range(0, len(todo), batch_size))[shards.process_index::shards.num_processes]
+    for i in tqdm(starts, desc=desc, disable=None if shards.is_main_process else True, mininterval=2):
         chunk = todo[i:i + batch_size]
         images = generate([r["prompt"] for r in chunk], [int(r["seed"]) for r in chunk])
         for r, img in zip(chunk, images):
             img = transform(img) if transform is not None else img
             with atomic_file(image_path(folder, r), "wb") as f:
                 Image.fromarray(img).save(f, format="PNG")
+
+
+class _single_process:
+    """The PartialState interface for one process, without initialising accelerate."""
+
+    is_main_process, process_index, num_processes = True, 0, 1
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def process_state():
+    """accelerate's process group when launched by `accelerate launch` / torchrun, else one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        return PartialState()
+    return _single_process()
 
 
 def load_folder(folder: Path, records: list[dict]) -> np.ndarray:
@@ -100,15 +132,16 @@ def image_batches(folder: Path, records: list[dict], batch_size: int):
         yield list(load_folder(folder, chunk)), [r["prompt"] for r in chunk]
 
 
-def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, batch_size: int) -> dict[str, Generator]:
+def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, batch_size: int,
+                    device: torch.device = torch.device("cpu")) -> dict[str, Generator]:
     """The three generators of the comparison, on the same prompts and seeds."""
     from .onestep import generate as one_step
     from .teacher import alphas_cumprod, load_pipeline
 
-    teacher = load_pipeline(teacher_dir)
     if not (student_dir / "model_index.json").is_file():
         raise UserError(f"{student_dir}: no student pipeline (run `dvc repro distill` first)")
-    student = load_pipeline(str(student_dir))
+    teacher = load_pipeline(teacher_dir).to(device)
+    student = load_pipeline(str(student_dir)).to(device)
     abar = alphas_cumprod(teacher)
 
     # Every generator draws at the student's size (distill.resolution; the teacher's own unless set).
@@ -128,7 +161,7 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
     return {
         "teacher_1": teacher_gen(1),
         f"teacher_{cfg.teacher_steps}": teacher_gen(cfg.teacher_steps),
-        "student_1": lambda p, s: one_step(student, student.unet, p, s, abar, batch_size),
+        "student_1": lambda p, s: one_step(student, student.unet, p, s, abar, batch_size, device),
     }
 
 
@@ -142,33 +175,43 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     if cfg.mode == "coco" and not all("image_id" in r for r in records):
         raise UserError(f"{paths.eval_prompts}: COCO mode needs COCO eval prompts (prepare.eval.source: coco, "
                         "path: captions_val2014.json, limit: 30000, dedupe: false)")
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.mode == "coco" else "cpu")
-    scorer = load_clip(cfg.evaluator if cfg.mode == "world" else cfg.coco.clip, device)
+    shards = process_state()
+    if cfg.mode == "coco" and shards.num_processes > 1:
+        device = shards.device                          # each process its own GPU (or the CPU)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg.mode == "coco" else "cpu")
     prompts = [r["prompt"] for r in records]
 
-    # ---- generate: same prompts and per-prompt seeds for every generator
-    generators = make_generators(cfg, teacher_dir, paths.student, cfg.batch_size)
+    # ---- generate: same prompts and per-prompt seeds for every generator (split over processes)
+    generators = make_generators(cfg, teacher_dir, paths.student, cfg.batch_size, device)
     prompts_digest = tree_digest(paths.eval_prompts, cfg.limit, cfg.mode)
-    teacher_digest = tree_digest(teacher_dir)
-    made_by = {"teacher_1": (teacher_digest, 1, cfg.guidance_scale, CONVENTION),
-               f"teacher_{cfg.teacher_steps}": (teacher_digest, cfg.teacher_steps, cfg.guidance_scale, CONVENTION),
+    side = json.loads((paths.student / "unet" / "config.json").read_text())["sample_size"]   # the drawn size
+    teacher_digest = (tree_digest(teacher_dir), side)
+    made_by = {"teacher_1": (*teacher_digest, 1, cfg.guidance_scale, CONVENTION),
+               f"teacher_{cfg.teacher_steps}": (*teacher_digest, cfg.teacher_steps, cfg.guidance_scale, CONVENTION),
                "student_1": (tree_digest(paths.student), CONVENTION)}
     transform = center_crop_resize if cfg.mode == "coco" else None
     timings: dict[str, float] = {}
     for name, gen in generators.items():
         t0 = time.perf_counter()
         fill_folder(paths.images / name, records, gen, cfg.batch_size, name,
-                    tree_digest(name, prompts_digest, *made_by[name]), transform)
+                    tree_digest(name, prompts_digest, *made_by[name]), transform, shards)
         timings[name] = time.perf_counter() - t0
+    shards.wait_for_everyone()
+    if not shards.is_main_process:      # one process measures
+        return {}
+    names = list(generators)
+    del generators                      # the pipelines' memory, before the feature extractors load
 
     # ---- measure
+    scorer = load_clip(cfg.evaluator if cfg.mode == "world" else cfg.coco.clip, device)
     metrics: dict[str, dict] = {}
     if cfg.mode == "world":
         ref_dir = paths.images / "reference"
         _render_references(ref_dir, records, scorer.model.config.vision_config.image_size,
                            tree_digest("reference", prompts_digest))
         ref_stats = world_stats(ref_dir, scorer.model)          # once, for every generator
-        for name in [*generators, "ground_truth"]:
+        for name in [*names, "ground_truth"]:
             folder = ref_dir if name == "ground_truth" else paths.images / name
             imgs = load_folder(folder, records)
             fid = {} if name == "ground_truth" else {"fid": frechet(world_stats(folder, scorer.model), ref_stats)}
@@ -183,7 +226,7 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
                                  cache_key=file_listing_key(Path(cfg.coco.images), COCO_SIZE,
                                                             Path(cfg.coco.inception).stat().st_size),
                                  desc="reference features")
-        for name in generators:
+        for name in names:
             folder = paths.images / name
             stats = folder_stats(folder, inception, device=device, image_transform=center_crop_resize,
                                  num_workers=workers, desc=f"{name} features")
@@ -195,7 +238,7 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     with atomic_file(paths.reports / "README.md") as f:
         f.write(report(metrics, len(records), cfg, timings, scorer.name))
     columns = {"reference": reference} if reference is not None else {}
-    columns |= {name: load_folder(paths.images / name, records[:cfg.grid_rows]) for name in generators}
+    columns |= {name: load_folder(paths.images / name, records[:cfg.grid_rows]) for name in names}
     grid = sample_grid(columns, prompts[:cfg.grid_rows])
     with atomic_file(paths.reports / "grid.png", "wb") as f:
         grid.save(f, format="PNG")

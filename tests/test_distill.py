@@ -267,3 +267,88 @@ def test_two_processes_keep_identical_student_weights(tmp_path, micro_models, wo
     assert set(digests) == {"0", "1"}, run.stdout
     assert digests["0"] == digests["1"]
     assert (ws / "models" / "student" / "model_index.json").is_file()
+
+
+LORA = dict(FAST, student="lora", student_lora_rank=4, student_lora_alpha=8, val_every=100)
+
+
+def test_lora_student_trains_its_adapter_and_ships_a_plain_unet(tmp_path, micro_models, world_prompts):
+    """SwiftBrush v2's LoRA student: only the adapted modules move, the saved UNet is a plain one
+    (adapter merged), and a bf16 text encoder during training is not what ships."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from src.teacher import load_pipeline
+
+    models, _ = micro_models
+    paths = _paths(tmp_path, world_prompts)
+    distill(DistillConfig(teacher=str(models / "teacher"), frozen_dtype="bfloat16", ema_decay=0.9, **LORA),
+            lr=1e-3, seed=0, paths=paths)
+    saved = load_file(paths.student / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not any("lora" in k for k in saved)
+    teacher = load_pipeline(str(models / "teacher"))
+    base = teacher.unet.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], saved[k])}
+    assert changed, "the LoRA student did not move (no gradient reached its adapter)"
+    assert all(any(f".{t}." in k for t in ("to_q", "to_k", "to_v", "to_out.0")) and k.endswith(".weight")
+               for k in changed), sorted(changed)[:5]
+    text = load_file(paths.student / "text_encoder" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in text.values())
+    assert all(torch.equal(v, teacher.text_encoder.state_dict()[k]) for k, v in text.items())
+    pipe = StableDiffusionPipeline.from_pretrained(paths.student)         # stock, no dtype
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=1, guidance_scale=1.0).images[0].size == (32, 32)
+
+
+def test_lora_student_resumes_to_the_weights_of_one_run(tmp_path, micro_models, world_prompts):
+    models, _ = micro_models
+    cfg = DistillConfig(teacher=str(models / "teacher"), **LORA)
+    straight = _paths(tmp_path / "a", world_prompts)
+    distill(cfg, lr=1e-3, seed=0, paths=straight)
+    split = _paths(tmp_path / "b", world_prompts)
+    distill(cfg.model_copy(update={"steps": 2}), lr=1e-3, seed=0, paths=split)
+    distill(cfg, lr=1e-3, seed=0, paths=split)                      # resumes at step 2
+    from safetensors.torch import load_file
+
+    a = load_file(straight.student / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(split.student / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merge_adapter_is_w_plus_scaled_ba(tiny_unet):
+    """The merged UNet computes what the UNet with its adapter on computes: W' = W + (alpha / r) B A."""
+    from peft import LoraConfig
+
+    from src.distill import merge_adapter
+    from src.vsd import adapters
+
+    unet = tiny_unet()
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "to_v"]), "student")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    merged = merge_adapter(unet, "student")
+    name = next(k for k in base if k.endswith("attn1.to_q.weight"))
+    module = unet.get_submodule(name[:-len(".weight")])
+    want = base[name] + 3.0 * module.lora_B["student"].weight @ module.lora_A["student"].weight
+    torch.testing.assert_close(merged.state_dict()[name], want)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 16)
+    with torch.no_grad(), adapters(unet, True, "student"):
+        torch.testing.assert_close(merged(x, t, text).sample, unet(x, t, text).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_resolution_sets_the_students_size_and_is_checked(tmp_path, micro_models, world_prompts):
+    from diffusers import StableDiffusionPipeline
+
+    models, _ = micro_models
+    cfg = DistillConfig(teacher=str(models / "teacher"), **dict(FAST, steps=1, val_every=100))
+    with pytest.raises(UserError, match=r"distill.resolution = 36: this teacher needs a multiple of"):
+        distill(cfg.model_copy(update={"resolution": 36}), lr=1e-4, seed=0, paths=_paths(tmp_path, world_prompts))
+    paths = _paths(tmp_path / "ok", world_prompts)
+    distill(cfg.model_copy(update={"resolution": 64}), lr=1e-4, seed=0, paths=paths)
+    pipe = StableDiffusionPipeline.from_pretrained(paths.student)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=1, guidance_scale=1.0).images[0].size == (64, 64)
