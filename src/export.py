@@ -146,10 +146,24 @@ def drop_duplicate_casts(graph) -> int:
     return len(dupes)
 
 
+def tensor_bytes(model) -> int:
+    """Bytes of the graph's weights, counted from their shapes and types. (protobuf's ByteSize()
+    itself fails on a model past 2 GB: "Failed to serialize proto".)"""
+    import onnx
+    from onnx import helper
+
+    total = 0
+    for t in model.graph.initializer:
+        itemsize = 1 if t.data_type == onnx.TensorProto.STRING else helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total
+
+
 def _save(model, path: Path) -> None:
+    """Save; weights go to one external file `<name>.data` when the graph would pass protobuf's 2 GB."""
     import onnx
 
-    large = model.ByteSize() > TWO_GB - 64 * 1024**2
+    large = tensor_bytes(model) > TWO_GB - 64 * 1024**2
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data" if large else None)
     onnx.checker.check_model(str(path))

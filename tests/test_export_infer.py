@@ -159,3 +159,27 @@ def test_infer_bad_input_is_one_clear_message(tmp_path, onnx_dir, args, message)
     assert run.returncode == 2
     assert message in run.stderr and "Traceback" not in run.stderr
     assert not list(tmp_path.glob("**/*.png"))
+
+
+def test_weights_past_the_protobuf_limit_go_to_one_external_file(tmp_path, monkeypatch):
+    """The size is counted from the weights' shapes (protobuf's ByteSize() fails past 2 GB); a graph
+    over the limit is saved with its weights in <name>.data and still loads and runs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import src.export as export_mod
+
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)            # 8 KiB (onnx keeps < 1 KiB inline)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert export_mod.tensor_bytes(model) == 8192
+    monkeypatch.setattr(export_mod, "TWO_GB", 64 * 1024**2 + 8000)     # the limit, scaled down past the margin
+    export_mod._save(model, tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx.data").stat().st_size >= 8192
+    x = np.ones((1, 64), np.float32)
+    np.testing.assert_array_equal(ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"x": x})[0], x @ w)
+    assert not onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.initializer[0].raw_data

@@ -221,17 +221,24 @@ print(f"stock: loaded in {t1 - t0:.1f} s, one image {img.size} in {time.perf_cou
 """
 
 
-def rehearse(arch: str, scale: str, work: Path, s: Settings, limit_gb: float) -> dict:
-    """Every stage on one teacher; returns its metrics entry."""
+def rehearse(arch: str, scale: str, work: Path, s: Settings, limit_gb: float, previous: dict | None = None) -> dict:
+    """Every stage on one teacher; returns its metrics entry. With `previous` (the entry of an
+    interrupted rehearsal whose work folder was kept), the stages it finished are not run again."""
     from ..export import psnr
 
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "logs").mkdir(parents=True)
+    if previous is None:
+        shutil.rmtree(work, ignore_errors=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     py = lambda *a: ["-m", *a]  # noqa: E731
-    stages: dict[str, dict] = {}
-    out: dict = {"arch": arch, "scale": scale, "settings": s.__dict__, "stages": stages}
+    out: dict = dict(previous or {}) | {"arch": arch, "scale": scale, "settings": s.__dict__}
+    stages: dict[str, dict] = out.setdefault("stages", {})
+    finished = {k for k, v in stages.items() if v["ok"] or v.get("note", "").startswith("killed")}
 
     def stage(name: str, argv: list[str], **kw) -> StageRun:
+        if name in finished:
+            log = work / "logs" / f"{name}.log"
+            return StageRun(True, stages[name]["wall_s"], stages[name]["peak_rss_gb"], 0,
+                            log.read_text(errors="replace") if log.is_file() else "", "done before")
         run = run_stage(argv, work, work / "logs" / f"{name}.log", limit_gb, **kw)
         stages[name] = run.row()
         print(f"  {name}: {'ok' if run.ok else 'FAILED'} {run.wall_s:.0f} s, peak {run.peak_rss_gb:.1f} GB "
@@ -246,23 +253,26 @@ def rehearse(arch: str, scale: str, work: Path, s: Settings, limit_gb: float) ->
     out["parameters"] = json.loads((work / "teacher" / "layout.json").read_text())["parameters"]
     out["teacher_gb"] = round(dir_gb(work / "teacher"), 2)
     coco = work / "coco"
-    write_coco_set(coco)
-    write_inception(coco / "inception" / "inception-2015-12-05.pt")
-    write_clip(coco / "clip", work / "teacher" / "tokenizer")
-    (work / "params.yaml").write_text(params_yaml(s, coco))
+    if "prepare" not in finished:
+        write_coco_set(coco)
+        write_inception(coco / "inception" / "inception-2015-12-05.pt")
+        write_clip(coco / "clip", work / "teacher" / "tokenizer")
+        (work / "params.yaml").write_text(params_yaml(s, coco))
 
     if not stage("prepare", py("src.prepare")).ok:
         return out
     # distill: kill it once its first checkpoint is complete, then resume
     first = work / "checkpoints" / "step-000002" / "MANIFEST.json"
     killed = stage("distill_killed", py("src.distill"), kill_when=first.is_file)
-    ck = _grep(r"checkpoint \S+: ([\d.]+) GiB written and hashed in", killed.log)
-    out["checkpoint"] = {"size_gb": ck, "save_s": _grep(r"GiB written and hashed in ([\d.]+) s", killed.log)}
-    if not first.is_file():
-        return out
+    if "distill_killed" not in finished:
+        ck = _grep(r"checkpoint \S+: ([\d.]+) GiB written and hashed in", killed.log)
+        out["checkpoint"] = {"size_gb": ck, "save_s": _grep(r"GiB written and hashed in ([\d.]+) s", killed.log)}
+        if not first.is_file():
+            return out
     resumed = stage("distill_resume", py("src.distill"))
-    out["checkpoint"]["resume_s"] = _grep(r"verified and loaded in ([\d.]+) s", resumed.log)
-    out["checkpoint"]["resumed_at_step"] = _grep(r"resuming from \S+ \(step (\d+)", resumed.log, int)
+    if "distill_resume" not in finished:
+        out["checkpoint"]["resume_s"] = _grep(r"verified and loaded in ([\d.]+) s", resumed.log)
+        out["checkpoint"]["resumed_at_step"] = _grep(r"resuming from \S+ \(step (\d+)", resumed.log, int)
     metrics = work / "reports" / "distill" / "metrics.json"
     if metrics.is_file():
         d = json.loads(metrics.read_text())
@@ -472,6 +482,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levers", action="store_true", help="also measure the memory-lever table")
     parser.add_argument("--skip-stages", action="store_true", help="only the lever table")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted rehearsal (kept with --keep): skip the stages it finished")
     args = parser.parse_args(argv)
     if args.scale == "full" and shutil.disk_usage(args.work.parent.resolve()).free < 40 * 2**30:
         raise UserError(f"--work {args.work}: a full-size rehearsal needs ~40 GB free on that disk")
@@ -483,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{arch} ({args.scale}) in {work}", flush=True)
         entry = entries.get(key(arch), {}) if args.skip_stages else {}
         if not args.skip_stages:
-            entry = rehearse(arch, args.scale, work, Settings(resolution=args.resolution), args.limit_gb)
+            previous = entries.get(key(arch)) if args.resume and work.is_dir() else None
+            entry = rehearse(arch, args.scale, work, Settings(resolution=args.resolution), args.limit_gb, previous)
         if args.levers:
             entry["levers"] = lever_table(arch, args.scale, work, args.limit_gb)
         entries[key(arch)] = entry

@@ -1,0 +1,37 @@
+"""The real-size rehearsal's own code at --scale tiny: every stage as its own process on an SD layout."""
+
+from __future__ import annotations
+
+import pytest
+
+from src.bench.fullsize import Settings, lora_student_params, rehearse, report, static_gb
+
+
+@pytest.mark.timeout(900)
+def test_rehearsal_runs_every_stage_on_a_tiny_sd21_layout(tmp_path):
+    """SD 2.1's layout (DDIM, v-prediction, upcast attention, the real tokenizer) through layout ->
+    prepare -> distill (killed after its checkpoint, resumed) -> stock diffusers -> COCO evaluate ->
+    export -> infer, as `python -m src.bench.fullsize --scale tiny` runs it."""
+    s = Settings(resolution=64, steps=3, eval_prompts=2, teacher_steps=2)
+    entry = rehearse("sd21", "tiny", tmp_path / "w", s, limit_gb=20.0)
+    stages = entry["stages"]
+    assert stages["distill_killed"]["note"].startswith("killed"), stages
+    failed = {k: v for k, v in stages.items() if k != "distill_killed" and not v["ok"]}
+    assert not failed, failed
+    assert entry["checkpoint"]["resumed_at_step"] == 2
+    assert entry["export"]["psnr_fp32"] >= 40 and entry["export"]["psnr_fp16"] >= 30
+    assert entry["psnr_fp32"] >= 40                         # infer (ONNX) vs stock diffusers, uint8 images
+    assert set(entry["evaluate_metrics"]) == {"teacher_1", "teacher_2", "student_1"}
+    text = report({"sd21-tiny": entry}, "test machine")
+    assert "| distill_resume | ok |" in text
+
+
+def test_static_memory_arithmetic():
+    """Full student: teacher + student weights (4 B each) + grads and Adam (12 B per trainable weight)."""
+    full = static_gb("sd21-base", {"student": "full", "frozen_dtype": "float32"})
+    n = 865_910_724 / 2**30
+    assert full["teacher_unet"] == pytest.approx(4 * n) and full["student_grads_adam"] == pytest.approx(12 * n)
+    lora = static_gb("sd21-base", {"student": "lora", "frozen_dtype": "bfloat16"})
+    assert lora["student_weights"] == 0 and lora["student_grads_adam"] < full["student_grads_adam"] / 5
+    # r (in + out) per adapted Linear: q, k, v, out of 16 transformer blocks x 2 attentions
+    assert lora_student_params("sd21-base", rank=1) > 0
