@@ -22,6 +22,7 @@ artifacts load and run on the CPU provider as well as on CUDA.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import warnings
@@ -96,11 +97,38 @@ def export_fp32(pipe, path: Path, opset: int) -> None:
         torch.onnx.export(graph, (ids, noise), str(raw), input_names=["input_ids", "noise"],
                           output_names=["images"], opset_version=opset, dynamo=False,
                           dynamic_axes={"input_ids": {0: "batch"}, "noise": {0: "batch"}, "images": {0: "batch"}})
-    model = onnx.load(str(raw))
-    _save(model, path)
+    del graph
+    consolidate(raw, path)
     for f in path.parent.iterdir():
         if f.name not in (path.name, path.name + ".data"):
             f.unlink()
+
+
+def consolidate(raw: Path, path: Path) -> None:
+    """`raw` (as the exporter wrote it) -> `path`. Past 2 GB the exporter leaves one file per weight;
+    they are streamed into one `<name>.data` a tensor at a time (never the whole model in memory)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(raw), load_external_data=False)
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    if not external:
+        _save(onnx.load(str(raw)), path)
+        return
+    with (path.parent / (path.name + ".data")).open("wb") as out:
+        for t in external:
+            info = {e.key: e.value for e in t.external_data}
+            with (raw.parent / info["location"]).open("rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                data = f.read(int(info["length"])) if "length" in info else f.read()
+            offset = out.tell()
+            out.write(data)
+            del t.external_data[:]
+            for key, value in (("location", path.name + ".data"), ("offset", offset), ("length", len(data))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, str(value)
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
 
 
 def export_fp16(fp32: Path, path: Path) -> None:
@@ -108,13 +136,33 @@ def export_fp16(fp32: Path, path: Path) -> None:
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    types = value_types(fp32)
     model = OnnxModel(onnx.load(str(fp32)))
+    model.model.graph.value_info.extend(v for v in types if v.name not in {x.name for x in model.model.graph.value_info})
     keep = [n.name for n in model.model.graph.node if fp32_node(n.name)]
-    # Symbolic shape inference first, so that every intermediate has a known type to convert.
-    model.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=True, node_block_list=keep)
+    model.convert_float_to_float16(use_symbolic_shape_infer=False, disable_shape_infer=True, keep_io_types=True,
+                                   node_block_list=keep)
     drop_duplicate_casts(model.model.graph)
     model.topological_sort()      # the converter appends its input casts after their consumers
     _save(model.model, path)
+
+
+def value_types(path: Path) -> list:
+    """The element type of every intermediate value (what the float16 converter needs), by ORT's
+    symbolic shape inference on the graph without its weights: the converter's own run would
+    copy the whole multi-GB model, and ONNX's shape inference refuses graphs past 2 GB."""
+    import onnx
+    from onnx import TensorProto
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    light = onnx.load(str(path), load_external_data=False)      # weights past 1 KiB stay on disk
+    typed = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+    out = []
+    for vi in typed.graph.value_info:
+        if vi.name and vi.type.tensor_type.elem_type != TensorProto.UNDEFINED:
+            vi.type.tensor_type.ClearField("shape")          # types only (auto_merge may guess shapes)
+            out.append(vi)
+    return out
 
 
 def fp32_node(name: str) -> bool:
@@ -189,12 +237,17 @@ def tokenize(pipe, prompts: list[str]) -> np.ndarray:
                return_tensors="np").input_ids.astype(np.int64)
 
 
-def parity(pipe, files: dict[str, Path], prompts: list[str], seeds: list[int]) -> dict[str, float]:
-    """ONNX vs the PyTorch student on the same prompts and seeds: PSNR and max error on [0, 1] images."""
+def reference(pipe, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, noise, images) of the PyTorch student: what the ONNX graphs must reproduce."""
     c = contract(pipe)
     ids, noise = tokenize(pipe, prompts), initial_noise(seeds, tuple(c["latent_shape"]))
     with torch.no_grad():
         ref = OneStepGraph(pipe).eval()(torch.from_numpy(ids), torch.from_numpy(noise)).numpy()
+    return ids, noise, ref
+
+
+def parity(files: dict[str, Path], ids: np.ndarray, noise: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """ONNX vs the PyTorch student's images `ref` for the same inputs: PSNR and max error on [0, 1]."""
     out = {}
     for name, f in files.items():
         t0 = time.perf_counter()
@@ -203,6 +256,7 @@ def parity(pipe, files: dict[str, Path], prompts: list[str], seeds: list[int]) -
         got = session.run(["images"], {"input_ids": ids, "noise": noise})[0]
         out[f"psnr_{name}"] = round(psnr(got, ref), 3)
         out[f"max_abs_err_{name}"] = float(np.abs(got - ref).max())
+        del session                   # one multi-GB session at a time
     return out
 
 
@@ -214,19 +268,22 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
     records = read_prepared(paths.eval_prompts, cfg.parity_prompts) if paths.eval_prompts.is_file() else []
     prompts = [r["prompt"] for r in records] or ["a photo of a cat"]
     seeds = [int(r["seed"]) for r in records] or [0]
+    ids, noise, ref = reference(pipe, prompts, seeds)
     t0 = time.perf_counter()
     with atomic_dir(paths.out) as tmp:
         files = {"fp32": tmp / "fp32" / "model.onnx", "fp16": tmp / "fp16" / "model.onnx"}
         for f in files.values():
             f.parent.mkdir(parents=True)
         export_fp32(pipe, files["fp32"], cfg.opset)
-        t_fp16 = time.perf_counter()
-        export_fp16(files["fp32"], files["fp16"])
-        timings = {"export_fp32_s": round(t_fp16 - t0, 1), "convert_fp16_s": round(time.perf_counter() - t_fp16, 1)}
         pipe.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         c = contract(pipe)
         (tmp / "onestep.json").write_text(json.dumps(c, indent=2) + "\n")
-        metrics = parity(pipe, files, prompts, seeds) | timings
+        del pipe                      # the PyTorch weights: gone before the fp16 graph and the sessions load
+        gc.collect()
+        t_fp16 = time.perf_counter()
+        export_fp16(files["fp32"], files["fp16"])
+        timings = {"export_fp32_s": round(t_fp16 - t0, 1), "convert_fp16_s": round(time.perf_counter() - t_fp16, 1)}
+        metrics = parity(files, ids, noise, ref) | timings
         metrics |= {f"external_data_{k}": (f.parent / (f.name + ".data")).is_file() for k, f in files.items()}
         metrics |= {f"size_mb_{k}": round(sum(p.stat().st_size for p in f.parent.iterdir()) / 2**20, 2)
                     for k, f in files.items()}

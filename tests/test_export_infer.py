@@ -183,3 +183,43 @@ def test_weights_past_the_protobuf_limit_go_to_one_external_file(tmp_path, monke
     x = np.ones((1, 64), np.float32)
     np.testing.assert_array_equal(ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"x": x})[0], x @ w)
     assert not onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.initializer[0].raw_data
+
+
+def test_per_weight_files_are_consolidated_and_converted_to_fp16(tmp_path):
+    """What the exporter leaves past 2 GB (one file per weight) becomes one `.data` file, streamed;
+    the fp16 conversion types the graph from the weight-less model and the result still runs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from src.export import consolidate, export_fp16
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((64, 48)).astype(np.float32), rng.standard_normal((48, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/unet/mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="/unet/relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="/unet/mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])],
+                              initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                    str(raw_dir / "raw.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
+    assert len(list(raw_dir.iterdir())) == 3                         # the graph + one file per weight
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    consolidate(raw_dir / "raw.onnx", out_dir / "model.onnx")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "model.onnx.data"]
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    want = np.maximum(x @ w1, 0) @ w2
+    got = ort.InferenceSession(str(out_dir / "model.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+    half = tmp_path / "fp16" / "model.onnx"
+    half.parent.mkdir()
+    export_fp16(out_dir / "model.onnx", half)
+    model = onnx.load(str(half))
+    assert {t.data_type for t in model.graph.initializer} == {TensorProto.FLOAT16}
+    got16 = ort.InferenceSession(str(half)).run(None, {"x": x})[0]
+    assert got16.dtype == np.float32 and np.abs(got16 - want).max() < 0.05 * np.abs(want).max()
