@@ -22,6 +22,7 @@ artifacts load and run on the CPU provider as well as on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -156,7 +157,9 @@ def value_types(path: Path) -> list:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     light = onnx.load(str(path), load_external_data=False)      # weights past 1 KiB stay on disk
-    typed = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+    # The few weights it reads (constant folding) resolve their external file against the working directory.
+    with contextlib.chdir(path.parent):
+        typed = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
     out = []
     for vi in typed.graph.value_info:
         if vi.name and vi.type.tensor_type.elem_type != TensorProto.UNDEFINED:

@@ -195,24 +195,27 @@ def test_per_weight_files_are_consolidated_and_converted_to_fp16(tmp_path):
     from src.export import consolidate, export_fp16
 
     rng = np.random.default_rng(0)
-    w1, w2 = rng.standard_normal((64, 48)).astype(np.float32), rng.standard_normal((48, 16)).astype(np.float32)
+    w1, b1 = rng.standard_normal((64, 320)).astype(np.float32), rng.standard_normal(320).astype(np.float32)
+    w2 = rng.standard_normal((320, 16)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/unet/mm1"),
-             helper.make_node("Relu", ["h"], ["r"], name="/unet/relu"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="/unet/add"),   # a bias symbolic inference reads
+             helper.make_node("Relu", ["hb"], ["r"], name="/unet/relu"),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="/unet/mm2")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])],
-                              initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+                              initializer=[numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (b1, "b1"),
+                                                                                      (w2, "w2"))])
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
                     str(raw_dir / "raw.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
-    assert len(list(raw_dir.iterdir())) == 3                         # the graph + one file per weight
+    assert len(list(raw_dir.iterdir())) == 4                         # the graph + one file per weight
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     consolidate(raw_dir / "raw.onnx", out_dir / "model.onnx")
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "model.onnx.data"]
     x = rng.standard_normal((3, 64)).astype(np.float32)
-    want = np.maximum(x @ w1, 0) @ w2
+    want = np.maximum(x @ w1 + b1, 0) @ w2
     got = ort.InferenceSession(str(out_dir / "model.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
