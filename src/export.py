@@ -137,12 +137,20 @@ def export_fp16(fp32: Path, path: Path) -> None:
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
     types = value_types(fp32)
-    model = OnnxModel(onnx.load(str(fp32)))
-    model.model.graph.value_info.extend(v for v in types if v.name not in {x.name for x in model.model.graph.value_info})
-    keep = [n.name for n in model.model.graph.node if fp32_node(n.name)]
-    model.convert_float_to_float16(use_symbolic_shape_infer=False, disable_shape_infer=True, keep_io_types=True,
-                                   node_block_list=keep)
+    full = onnx.load(str(fp32))
+    known = {x.name for x in full.graph.value_info}
+    full.graph.value_info.extend(v for v in types if v.name not in known)
+    keep = [n.name for n in full.graph.node if fp32_node(n.name)]
+    # The converter itself, with the types given: OnnxModel's wrapper would run ONNX shape inference,
+    # which serialises the whole model and fails past 2 GB. Then the wrapper's own cast clean-ups.
+    model = OnnxModel(convert_float_to_float16(full, keep_io_types=True, node_block_list=keep,
+                                               disable_shape_infer=True))
+    del full
+    model.remove_cascaded_cast_nodes()
+    model.remove_useless_cast_nodes()
     drop_duplicate_casts(model.model.graph)
     model.topological_sort()      # the converter appends its input casts after their consumers
     _save(model.model, path)
