@@ -225,6 +225,8 @@ def _save(model, path: Path) -> None:
     large = tensor_bytes(model) > TWO_GB - 64 * 1024**2
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data" if large else None)
+    if large:                         # onnx creates it 0600: readable by a serving account like the graph
+        (path.parent / (path.name + ".data")).chmod(path.stat().st_mode & 0o777)
     onnx.checker.check_model(str(path))
 
 

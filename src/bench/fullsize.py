@@ -432,7 +432,8 @@ def report(entries: dict, machine: str) -> str:
                   ", ".join(f"{k} {v}" for k, v in e.get("settings", {}).items() if k != "extra"), "",
                   "| stage | ok | wall (s) | peak RSS (GB) | note |", "|---|---|---|---|---|"]
         for name, st in e.get("stages", {}).items():
-            lines.append(f"| {name} | {'ok' if st['ok'] else 'no'} | {st['wall_s']} | {st['peak_rss_gb']} | "
+            state = "ok" if st["ok"] else "killed" if st.get("note", "").startswith("killed") else "**no**"
+            lines.append(f"| {name} | {state} | {st['wall_s']} | {st['peak_rss_gb']} | "
                          f"{st.get('note', '')} |")
         ck, ex, inf = e.get("checkpoint", {}), e.get("export", {}), e.get("infer", {})
         lines += ["", "| measure | value |", "|---|---|",
