@@ -101,6 +101,9 @@ class DistillConfig(Section):
     student_lora_alpha: float = Field(512.0, gt=0.0, description="LoRA-student alpha (v2: 512)")
     student_lora_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
                                             description="modules the LoRA student adapts")
+    adam_impl: Literal["auto", "for_loop", "foreach", "fused"] = Field(
+        "auto", description="Adam's implementation: auto = torch's choice (foreach on GPU, which holds temporary "
+                            "copies of the gradients), for_loop, foreach, or fused (one kernel, no temporaries)")
     frozen_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the frozen text encoder and VAE (bfloat16 halves their memory)")
     steps: int = Field(1000, ge=1, description="optimisation steps (paper: ~244k at batch 16 x 8 GPUs)")

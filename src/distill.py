@@ -171,8 +171,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         student.enable_gradient_checkpointing()
         teacher.enable_gradient_checkpointing()
     as_student = student_mode(cfg.student)
-    opt_student = torch.optim.Adam(student_params, lr=lr)
-    opt_lora = torch.optim.Adam(lora_params, lr=cfg.lora_lr)
+    opt_student = torch.optim.Adam(student_params, lr=lr, **adam_options(cfg.adam_impl))
+    opt_lora = torch.optim.Adam(lora_params, lr=cfg.lora_lr, **adam_options(cfg.adam_impl))
     ema = student_ema(student_params, cfg.ema_decay)
     vsd_loss = VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale,
                        SCORE)
@@ -339,6 +339,12 @@ def student_ema(params, decay: float | None):
     from diffusers.training_utils import EMAModel
 
     return EMAModel(list(params), decay=decay) if decay else None
+
+
+def adam_options(impl: str) -> dict:
+    """torch.optim.Adam keyword arguments for `distill.adam_impl` (the same update, other memory)."""
+    return {"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True},
+            "fused": {"fused": True}}[impl]
 
 
 # Adapter names on the teacher UNet: the LoRA teacher (the student-score network) and the LoRA student.

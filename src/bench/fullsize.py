@@ -167,6 +167,7 @@ class Settings:
     student: str = "full"
     gradient_checkpointing: bool = True
     frozen_dtype: str = "bfloat16"
+    adam_impl: str = "auto"
     eval_prompts: int = 4
     teacher_steps: int = 10
     extra: dict = field(default_factory=dict)
@@ -181,7 +182,7 @@ def params_yaml(s: Settings, coco: Path) -> str:
                              "dedupe": False}},
         "distill": {"teacher": "teacher", "steps": s.steps, "batch_size": 1, "resolution": s.resolution,
                     "student": s.student, "gradient_checkpointing": s.gradient_checkpointing,
-                    "frozen_dtype": s.frozen_dtype, "checkpoint_every": 2, "keep_checkpoints": 1, "log_every": 1,
+                    "frozen_dtype": s.frozen_dtype, "adam_impl": s.adam_impl, "checkpoint_every": 2, "keep_checkpoints": 1, "log_every": 1,
                     "val_every": 1000, "val_prompts": 1, "student_timestep": None, **s.extra},
         "evaluate": {"mode": "coco", "coco": {"images": str(coco / "val2014"),
                                               "inception": str(coco / "inception" / "inception-2015-12-05.pt"),
@@ -319,6 +320,8 @@ LEVERS = [  # (name, settings): each measured by a short distill run on the same
                                                              frozen_dtype="float32")),
     ("+ gradient checkpointing", dict(student="full", gradient_checkpointing=True, frozen_dtype="float32")),
     ("+ bf16 text encoder and VAE", dict(student="full", gradient_checkpointing=True, frozen_dtype="bfloat16")),
+    ("+ fused Adam", dict(student="full", gradient_checkpointing=True, frozen_dtype="bfloat16",
+                          adam_impl="fused")),
     ("LoRA student (r=256), checkpointing, bf16 frozen", dict(student="lora", gradient_checkpointing=True,
                                                                frozen_dtype="bfloat16")),
     ("LoRA student alone (fp32, no checkpointing)", dict(student="lora", gradient_checkpointing=False,
