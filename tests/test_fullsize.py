@@ -35,3 +35,25 @@ def test_static_memory_arithmetic():
     assert lora["student_weights"] == 0 and lora["student_grads_adam"] < full["student_grads_adam"] / 5
     # r (in + out) per adapted Linear: q, k, v, out of 16 transformer blocks x 2 attentions
     assert lora_student_params("sd21-base", rank=1) > 0
+
+
+def test_activation_count_on_meta_is_what_a_real_forward_saves():
+    """The meta-device count equals the bytes autograd saves in a real CPU forward (math attention),
+    and gradient checkpointing shrinks it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from src.bench.fullsize import saved_bytes
+    from src.layout import UNET, narrow
+
+    cfg = {**narrow(UNET["sd21-base"], "unet"), "cross_attention_dim": 64}
+    torch.manual_seed(0)
+    real = UNet2DConditionModel(**cfg)
+    with torch.device("meta"):
+        meta = UNet2DConditionModel(**cfg)
+    with sdpa_kernel(SDPBackend.MATH):
+        counted = saved_bytes(real, 64, 2)
+    assert saved_bytes(meta, 64, 2) == counted > 0
+    meta.enable_gradient_checkpointing()
+    assert saved_bytes(meta, 64, 2) < counted / 4
