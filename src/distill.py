@@ -249,7 +249,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                                            clip_loss.text_features(batch_prompts))
                 loss_student = loss_vsd + w_clip * loss_c
                 stats.update(cstats)
-        acc.backward(loss_student)
+        with as_student(student):      # checkpointed blocks recompute under the adapter their forward ran with
+            acc.backward(loss_student)
         gnorm_s = acc.clip_grad_norm_(student_params, cfg.grad_clip)
         ok_s = _finite(loss_student, gnorm_s)
         _step_or_skip(opt_student, ok_s)
@@ -259,7 +260,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         for _ in range(cfg.lora_updates):
             with acc.autocast():
                 loss_lora, lstats = lora_loss(teacher, x0.detach(), cond, uncond, abar, gen)
-            acc.backward(loss_lora)
+            with adapters(teacher, enabled=True, name=SCORE):
+                acc.backward(loss_lora)
             gnorm_l = acc.clip_grad_norm_(lora_params, cfg.grad_clip)
             ok = _finite(loss_lora, gnorm_l)
             _step_or_skip(opt_lora, ok)

@@ -329,8 +329,10 @@ LEVERS = [  # (name, settings): each measured by a short distill run on the same
 ]
 
 
-def lever_table(arch: str, scale: str, work: Path, limit_gb: float, resolutions=(64, 128)) -> list[dict]:
-    """Peak RSS and step time of a 2-step distill per lever and resolution."""
+def lever_table(arch: str, scale: str, work: Path, limit_gb: float, resolutions=(64, 128),
+                only: str | None = None) -> list[dict]:
+    """Peak RSS and step time of a 2-step distill per lever and resolution (`only`: levers whose
+    name contains it)."""
     rows = []
     work.mkdir(parents=True, exist_ok=True)
     teacher = work / "teacher"
@@ -340,6 +342,8 @@ def lever_table(arch: str, scale: str, work: Path, limit_gb: float, resolutions=
     coco = work / "coco"
     write_coco_set(coco)
     for name, lever in LEVERS:
+        if only is not None and only not in name:
+            continue
         row = {"lever": name, **lever}
         for res in resolutions:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -544,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit-gb", type=float, default=22.0, help="stop a stage whose resident memory passes this")
     parser.add_argument("--levers", action="store_true", help="also measure the memory-lever table")
     parser.add_argument("--skip-stages", action="store_true", help="only the lever table")
+    parser.add_argument("--only-levers", metavar="TEXT", help="measure only the levers whose name contains TEXT "
+                                                              "(rows replace those of the same name)")
     parser.add_argument("--report-only", action="store_true", help="rewrite README.md from metrics.json")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
     parser.add_argument("--resume", action="store_true",
@@ -566,7 +572,11 @@ def main(argv: list[str] | None = None) -> None:
             previous = entries.get(key(arch)) if args.resume and work.is_dir() else None
             entry = rehearse(arch, args.scale, work, Settings(resolution=args.resolution), args.limit_gb, previous)
         if args.levers:
-            entry["levers"] = lever_table(arch, args.scale, work, args.limit_gb)
+            rows = lever_table(arch, args.scale, work, args.limit_gb, only=args.only_levers)
+            fresh = {r["lever"] for r in rows}
+            kept = [r for r in entry.get("levers", []) if r["lever"] not in fresh] if args.only_levers else []
+            order = [name for name, _ in LEVERS]
+            entry["levers"] = sorted(kept + rows, key=lambda r: order.index(r["lever"]) if r["lever"] in order else 99)
         entries[key(arch)] = entry
         write_json(metrics_path, entries)
         with atomic_file(args.out / "README.md") as f:
