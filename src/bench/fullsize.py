@@ -21,6 +21,7 @@ image quality is measured here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -412,9 +413,8 @@ def saved_activation_gb(arch: str, pixels: int = 512, batch: int = 16, checkpoin
     """GB of tensors one student forward pass saves for its backward (the activations), counted
     by autograd's saved-tensor hook on the meta device: exact shapes, no memory, no compute.
 
-    Float32. Attention is counted as PyTorch's math path saves it (the probability matrix); a
-    fused (flash / memory-efficient) kernel saves less (15% less in all at toy size on this CPU).
-    With checkpointing, the tensors kept at each checkpointed block's boundary are not counted.
+    Float32; attention as a fused GPU kernel saves it (`saved_bytes`). With checkpointing, the
+    tensors kept at each checkpointed block's boundary are not counted.
     """
     import torch
     from diffusers import UNet2DConditionModel
@@ -428,8 +428,14 @@ def saved_activation_gb(arch: str, pixels: int = 512, batch: int = 16, checkpoin
     return saved_bytes(unet, pixels, batch) / 2**30
 
 
-def saved_bytes(unet, pixels: int, batch: int) -> int:
-    """Bytes of the tensors autograd saves in one training-mode forward of `unet` (weights excluded)."""
+def saved_bytes(unet, pixels: int, batch: int, fused_attention: bool = True) -> int:
+    """Bytes of the tensors autograd saves in one training-mode forward of `unet` (weights excluded).
+
+    `fused_attention`: attention saves what a fused kernel keeps for its backward (q, k, v, the
+    output and a float32 log-sum-exp per query), as PyTorch's flash / memory-efficient kernels do
+    on a GPU; otherwise as the math path (the full probability matrix)."""
+    import contextlib
+
     import torch
 
     unet.train()
@@ -446,9 +452,37 @@ def saved_bytes(unet, pixels: int, batch: int) -> int:
     side = pixels // 8
     z = torch.randn(batch, unet.config.in_channels, side, side, device=device)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    attention = _fused_attention_saves() if fused_attention else contextlib.nullcontext()
+    with attention, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         unet(z, torch.full((batch,), 999, device=device), encoder_hidden_states=text)
     return total
+
+
+@contextlib.contextmanager
+def _fused_attention_saves():
+    """Inside: scaled_dot_product_attention saves what a fused kernel saves (for counting only; its
+    output is not attention's value)."""
+    import torch
+    import torch.nn.functional as F
+
+    class FusedLike(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+            lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):        # never called: the count needs only the forward
+            raise NotImplementedError
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: FusedLike.apply(q, k, v)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def predicted_gpu_gb(arch: str, lever: dict) -> dict:
@@ -500,7 +534,7 @@ def report(entries: dict, machine: str) -> str:
                   f"| checkpoint size (GB) | {ck.get('size_gb')} |", f"| checkpoint write + hash (s) | {ck.get('save_s')} |",
                   f"| checkpoint verify + load on resume (s) | {ck.get('resume_s')} |",
                   f"| resumed at step | {ck.get('resumed_at_step')} |",
-                  f"| distill step time (s) | {round(1 / e['distill']['steps_per_s'], 1) if e.get('distill', {}).get('steps_per_s') else None} |",
+                  f"| distill wall per step, with checkpoint writes and validation (s) | {round(1 / e['distill']['steps_per_s'], 1) if e.get('distill', {}).get('steps_per_s') else None} |",
                   f"| student pipeline (GB) | {e.get('student_gb')} |",
                   f"| ONNX fp32 / fp16 (GB) | {e.get('onnx_gb', {}).get('fp32')} / {e.get('onnx_gb', {}).get('fp16')} |",
                   f"| external data fp32 / fp16 | {ex.get('external_data_fp32')} / {ex.get('external_data_fp16')} |",
@@ -517,9 +551,10 @@ def report(entries: dict, machine: str) -> str:
                       "static memory dominates). Predicted for a GPU at 512 px, batch 16: the static bytes by "
                       "arithmetic (weights 4 B, gradients 4 B and Adam's two moments 8 B per trainable weight, "
                       "frozen parts at their dtype) plus the activations one student forward saves for its "
-                      "backward, counted exactly on the meta device (float32; attention as PyTorch's math path "
-                      "saves it, so a flash kernel needs less; with checkpointing, block boundaries not counted). "
-                      "A prediction, not a GPU measurement.", "",
+                      "backward, counted exactly on the meta device (float32; attention as a fused GPU kernel saves "
+                      "it, q, k, v, output and log-sum-exp; PyTorch's math path, which keeps every attention "
+                      "matrix, would need 90 GB without checkpointing; with checkpointing, block boundaries not "
+                      "counted). A prediction, not a GPU measurement.", "",
                       "| lever | peak RSS 64 px (GB) | peak RSS 128 px (GB) | s/step 128 px | static (GB) | "
                       "activations 512 px b16 (GB) | predicted GPU 512 px b16 (GB) |", "|---|---|---|---|---|---|---|"]
             for r in e["levers"]:
