@@ -140,8 +140,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     if cfg.student == "lora" and world > 1:
         raise UserError("distill.student: lora trains in one process (its adapter shares the teacher's UNet, "
                         "which DDP cannot wrap twice); use distill.student: full with several processes")
-    pipe = load_pipeline(cfg.teacher)
     frozen = getattr(torch, cfg.frozen_dtype)
+    pipe = load_pipeline(cfg.teacher, frozen_dtype=frozen)
     pipe.text_encoder.requires_grad_(False).to(device, frozen)
     pipe.vae.requires_grad_(False).to(device, frozen)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
@@ -415,8 +415,8 @@ def float32_parts(teacher: str):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    return (CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", dtype=torch.float32),
-            AutoencoderKL.from_pretrained(teacher, subfolder="vae", torch_dtype=torch.float32))
+    return (CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", dtype=torch.float32, local_files_only=True),
+            AutoencoderKL.from_pretrained(teacher, subfolder="vae", torch_dtype=torch.float32, local_files_only=True))
 
 
 def latent_size(pipe, resolution: int | None) -> int:

@@ -31,15 +31,24 @@ def check_pipeline_folder(path: Path) -> None:
         raise UserError(f"teacher {path}: unet is {spec['unet'][1]}, expected UNet2DConditionModel")
 
 
-def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32, local_only: bool = True):
-    """A StableDiffusionPipeline from a local folder, or a hub id already in the local cache."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32, local_only: bool = True,
+                  frozen_dtype: torch.dtype | None = None):
+    """A StableDiffusionPipeline from a local folder, or a hub id already in the local cache.
+    `frozen_dtype`: load the text encoder and VAE in that dtype directly (never resident in `dtype`)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextModel
 
     path = Path(teacher)
     if path.exists():
         check_pipeline_folder(path)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(teacher, dtype=dtype, safety_checker=None,
+        parts = {}
+        if frozen_dtype is not None and frozen_dtype != dtype:
+            parts = {"text_encoder": CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", dtype=frozen_dtype,
+                                                                   local_files_only=local_only),
+                     "vae": AutoencoderKL.from_pretrained(teacher, subfolder="vae", torch_dtype=frozen_dtype,
+                                                          local_files_only=local_only)}
+        pipe = StableDiffusionPipeline.from_pretrained(teacher, dtype=dtype, safety_checker=None, **parts,
                                                        requires_safety_checker=False, local_files_only=local_only)
     except (OSError, ValueError, EnvironmentError) as err:
         where = "folder" if path.exists() else "hub id (not a local folder, and not in the local Hugging Face cache)"

@@ -354,10 +354,13 @@ def lever_table(arch: str, scale: str, work: Path, limit_gb: float, resolutions=
                 run_stage(["-m", "src.prepare"], work, work / "prepare.log", limit_gb)
             run = run_stage(["-m", "src.distill"], work, work / f"lever-{len(rows)}-{res}.log", limit_gb)
             live = work / "reports" / "distill" / "live" / "metrics.json"
+            final = work / "reports" / "distill" / "metrics.json"
             step_s = None
             if run.ok and live.is_file():
                 sps = json.loads(live.read_text()).get("train", {}).get("steps_per_s")
                 step_s = round(1 / sps, 1) if sps else None
+            if run.ok and final.is_file():       # distill's own peak, read before it saves the student
+                row[f"train_peak_gb_{res}"] = round(json.loads(final.read_text())["peak_memory_mb"] / 1024, 2)
             row[f"peak_rss_gb_{res}"] = round(run.peak_rss_gb, 2)
             row[f"fits_{res}"] = run.ok
             row[f"step_s_{res}"] = step_s
@@ -547,21 +550,23 @@ def report(entries: dict, machine: str) -> str:
                   ""]
         if e.get("levers"):
             lines += ["### Memory levers (distill, 2 steps, batch 1)", "",
-                      "Measured here: peak RSS of a 2-step distill at 64 and 128 px, batch 1 (at this size the "
-                      "static memory dominates). Predicted for a GPU at 512 px, batch 16: the static bytes by "
+                      "Measured here: a 2-step distill at 128 px, batch 1 (at this size the static memory "
+                      "dominates): distill's own peak RSS before it saves the student, and the whole stage's "
+                      "(saving serialises the 3.5 GB UNet in memory). Predicted for a GPU at 512 px, batch 16: the static bytes by "
                       "arithmetic (weights 4 B, gradients 4 B and Adam's two moments 8 B per trainable weight, "
                       "frozen parts at their dtype) plus the activations one student forward saves for its "
                       "backward, counted exactly on the meta device (float32; attention as a fused GPU kernel saves "
                       "it, q, k, v, output and log-sum-exp; PyTorch's math path, which keeps every attention "
                       "matrix, would need 90 GB without checkpointing; with checkpointing, block boundaries not "
                       "counted). A prediction, not a GPU measurement.", "",
-                      "| lever | peak RSS 64 px (GB) | peak RSS 128 px (GB) | s/step 128 px | static (GB) | "
-                      "activations 512 px b16 (GB) | predicted GPU 512 px b16 (GB) |", "|---|---|---|---|---|---|---|"]
+                      "| lever | training peak RSS 128 px (GB) | stage peak RSS 128 px, saving included (GB) | "
+                      "s/step 128 px | static (GB) | activations 512 px b16 (GB) | predicted GPU 512 px b16 (GB) |",
+                      "|---|---|---|---|---|---|---|"]
             for r in e["levers"]:
                 pred = predicted_gpu_gb(e["arch"], r)
-                lines.append(f"| {r['lever']} | {r.get('peak_rss_gb_64')}{'' if r.get('fits_64') else ' (no)'} | "
-                             f"{r.get('peak_rss_gb_128')}{'' if r.get('fits_128') else ' (no)'} | {r.get('step_s_128')} | "
-                             f"{pred['static_gb']} | {pred['activations_512_b16_gb']} | "
+                lines.append(f"| {r['lever']} | {r.get('train_peak_gb_128', '-')} | "
+                             f"{r.get('peak_rss_gb_128')}{'' if r.get('fits_128', True) else ' (stopped)'} | "
+                             f"{r.get('step_s_128')} | {pred['static_gb']} | {pred['activations_512_b16_gb']} | "
                              f"{pred['predicted_gpu_512_b16_gb']} |")
             lines.append("")
     return "\n".join(lines)
@@ -583,6 +588,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit-gb", type=float, default=22.0, help="stop a stage whose resident memory passes this")
     parser.add_argument("--levers", action="store_true", help="also measure the memory-lever table")
     parser.add_argument("--skip-stages", action="store_true", help="only the lever table")
+    parser.add_argument("--lever-resolutions", type=int, nargs="+", default=[64, 128], metavar="PX",
+                        help="resolutions of the lever runs (default 64 128)")
     parser.add_argument("--only-levers", metavar="TEXT", help="measure only the levers whose name contains TEXT "
                                                               "(rows replace those of the same name)")
     parser.add_argument("--report-only", action="store_true", help="rewrite README.md from metrics.json")
@@ -607,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
             previous = entries.get(key(arch)) if args.resume and work.is_dir() else None
             entry = rehearse(arch, args.scale, work, Settings(resolution=args.resolution), args.limit_gb, previous)
         if args.levers:
-            rows = lever_table(arch, args.scale, work, args.limit_gb, only=args.only_levers)
+            rows = lever_table(arch, args.scale, work, args.limit_gb, tuple(args.lever_resolutions), args.only_levers)
             fresh = {r["lever"] for r in rows}
             kept = [r for r in entry.get("levers", []) if r["lever"] not in fresh] if args.only_levers else []
             order = [name for name, _ in LEVERS]
