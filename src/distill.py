@@ -320,9 +320,11 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                     "samples_per_s": round(steps_run * cfg.batch_size * world / wall, 2) if wall else None,
                     "peak_memory_mb": _peak_memory_mb(device), "processes": world}
     if acc.is_main_process:
-        with shipped_weights(student_params, ema):
-            final = (shipped(acc.unwrap_model(student), None) if cfg.student == "full"
-                     else merge_adapter(teacher, STUDENT)).eval()
+        if cfg.student == "full":
+            final = shipped(acc.unwrap_model(student), ema).eval()          # a copy holding the EMA weights
+        else:
+            with shipped_weights(student_params, ema):   # merged tensors are new: they keep the EMA weights
+                final = merge_adapter(teacher, STUDENT).eval()
         if val_records:
             result["final"] = validate(pipe, final, val_records, abar, t_student)
         final = final.to(memory_format=torch.contiguous_format)                        # safetensors wants contiguous

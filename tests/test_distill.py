@@ -388,3 +388,30 @@ def test_lora_student_with_gradient_checkpointing_trains_the_same_weights(tmp_pa
         out[ckpt] = load_file(paths.student / "unet" / "diffusion_pytorch_model.safetensors")
     for k in out[False]:
         torch.testing.assert_close(out[True][k], out[False][k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_the_saved_student_holds_the_ema_weights(tmp_path, micro_models, world_prompts, kind):
+    """With distill.ema_decay the shipped UNet is the EMA average (the checkpoint's shadow), not the raw weights."""
+    from safetensors.torch import load_file
+
+    models, _ = micro_models
+    paths = _paths(tmp_path, world_prompts)
+    extra = LORA if kind == "lora" else FAST
+    distill(DistillConfig(teacher=str(models / "teacher"), ema_decay=0.5, lora_guidance_scale=1.0,
+                          **dict(extra, steps=2, checkpoint_every=2, val_every=100)), lr=1e-3, seed=0, paths=paths)
+    saved = load_file(paths.student / "unet" / "diffusion_pytorch_model.safetensors")
+    folder = checkpoint.latest(paths.checkpoints)[0]
+    shadow = torch.load(folder / "ema.pt", weights_only=False)["shadow_params"]
+    raw = torch.load(folder / "student.pt", weights_only=True)
+    trained = list(raw.values())                       # the EMA follows the trainable tensors, in this order
+    assert len(shadow) == len(trained)
+    differs = [not torch.equal(s, r) for s, r in zip(shadow, trained)]
+    assert any(differs)                                # the EMA is not the raw student here
+    if kind == "full":
+        for (name, r), s in zip(raw.items(), shadow):
+            torch.testing.assert_close(saved[name], s.contiguous())
+    else:
+        teacher = load_file(models / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
+        changed = [k for k in teacher if not torch.equal(saved[k], teacher[k].float())]
+        assert changed                                  # the merged EMA adapter moved the adapted weights
