@@ -37,7 +37,7 @@ from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
 from .onestep import decode, generate, initial_noise, one_step_scheduler, student_timestep, student_x0
 from .prepare import derive_seed, read_prepared
-from .teacher import alphas_cumprod, encode_prompts, load_pipeline
+from .teacher import alphas_cumprod, encode_prompts, frozen_parts, load_pipeline
 from .vsd import LoRALoss, VSDLoss, adapters
 
 
@@ -330,7 +330,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         final = final.to(memory_format=torch.contiguous_format)                        # safetensors wants contiguous
         if frozen != torch.float32:     # ship the teacher's own float32 text encoder and VAE, not rounded copies
             pipe.text_encoder = pipe.vae = None
-            pipe.text_encoder, pipe.vae = float32_parts(cfg.teacher)
+            pipe.text_encoder, pipe.vae = frozen_parts(cfg.teacher, torch.float32)
         save_student(paths.student, pipe, final, t_student)
         write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
                    | {"val_curve": history})
@@ -410,15 +410,6 @@ def merge_adapter(unet, name: str):
         merged = UNet2DConditionModel.from_config(unet.config)
     merged.load_state_dict(state, assign=True)
     return merged
-
-
-def float32_parts(teacher: str):
-    """The teacher's text encoder and VAE as stored (float32), for the saved student pipeline."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
-
-    return (CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", dtype=torch.float32, local_files_only=True),
-            AutoencoderKL.from_pretrained(teacher, subfolder="vae", torch_dtype=torch.float32, local_files_only=True))
 
 
 def latent_size(pipe, resolution: int | None) -> int:

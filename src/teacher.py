@@ -35,8 +35,7 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32, local_only: 
                   frozen_dtype: torch.dtype | None = None):
     """A StableDiffusionPipeline from a local folder, or a hub id already in the local cache.
     `frozen_dtype`: load the text encoder and VAE in that dtype directly (never resident in `dtype`)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
     path = Path(teacher)
     if path.exists():
@@ -44,10 +43,7 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32, local_only: 
     try:
         parts = {}
         if frozen_dtype is not None and frozen_dtype != dtype:
-            parts = {"text_encoder": CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", dtype=frozen_dtype,
-                                                                   local_files_only=local_only),
-                     "vae": AutoencoderKL.from_pretrained(teacher, subfolder="vae", torch_dtype=frozen_dtype,
-                                                          local_files_only=local_only)}
+            parts = dict(zip(("text_encoder", "vae"), frozen_parts(teacher, frozen_dtype, local_only)))
         pipe = StableDiffusionPipeline.from_pretrained(teacher, dtype=dtype, safety_checker=None, **parts,
                                                        requires_safety_checker=False, local_files_only=local_only)
     except (OSError, ValueError, EnvironmentError) as err:
@@ -59,6 +55,15 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32, local_only: 
         raise UserError(f"teacher {teacher!r}: scheduler prediction_type {prediction!r} is not supported "
                         f"(supported: {', '.join(SUPPORTED_PREDICTIONS)})")
     return pipe
+
+
+def frozen_parts(teacher: str, dtype: torch.dtype, local_only: bool = True):
+    """The teacher's text encoder and VAE, loaded directly in `dtype`."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    return (CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", dtype=dtype, local_files_only=local_only),
+            AutoencoderKL.from_pretrained(teacher, subfolder="vae", torch_dtype=dtype, local_files_only=local_only))
 
 
 def alphas_cumprod(pipe) -> torch.Tensor:
