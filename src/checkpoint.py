@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .fileio import atomic_dir
+from .fileio import atomic_dir, hash_file
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
@@ -31,9 +31,7 @@ def step_of(folder: Path) -> int:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    hash_file(h, path)
     return h.hexdigest()
 
 

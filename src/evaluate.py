@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .config import EvaluateConfig, stage_config
 from .errors import UserError, run_cli
-from .fileio import atomic_file, write_json
+from .fileio import atomic_file, hash_file, write_json
 from .figures import sample_grid
 from .metrics import (COCO_SIZE, center_crop_resize, clip_paths, clip_score, file_listing_key, folder_stats,
                       frechet, judge, load_clip, load_inception, world_stats)
@@ -66,9 +66,7 @@ def tree_digest(*items: object) -> str:
         if path is not None and path.exists():
             for f in sorted([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
                 h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-                with f.open("rb") as stream:                   # multi-GB weights: never whole in memory
-                    for chunk in iter(lambda: stream.read(1 << 24), b""):
-                        h.update(chunk)
+                hash_file(h, f)
         else:
             h.update(repr(item).encode())
     return h.hexdigest()

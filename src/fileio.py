@@ -63,3 +63,10 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     with atomic_file(path) as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def hash_file(h, path: str | os.PathLike, chunk: int = 1 << 20) -> None:
+    """Feed a file's bytes into hash object `h` as a stream (multi-GB weights never whole in memory)."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
