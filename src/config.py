@@ -192,6 +192,33 @@ class ExportConfig(Section):
     min_psnr_fp16: float = Field(30.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")
 
 
+class ServeConfig(Section):
+    """The HTTP service, `python -m src.serve` (DESIGN.md section 13); not a DVC stage."""
+
+    batching: bool = Field(True, description="gather concurrent requests into one ONNX Runtime call")
+    max_batch: int = Field(16, ge=1, le=1024, description="most images in one ONNX Runtime call")
+    max_delay_ms: float = Field(5.0, ge=0.0, le=1000.0,
+                                description="longest a request waits for others to join its batch")
+    max_queue: int = Field(256, ge=1, le=100_000,
+                           description="images waiting at most; beyond it requests get 429 + Retry-After")
+    request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0,
+                                     description="a request not answered by then gets 503 (its work is dropped)")
+    max_n: int = Field(4, ge=1, le=1024, description="most images one request may ask for")
+    max_prompt_chars: int = Field(2000, ge=1, le=1_000_000,
+                                  description="longer prompts are refused (422); token truncation only warns")
+    max_body_bytes: int = Field(16384, ge=256, le=16 * 2**20, description="larger request bodies get 413")
+    watch_interval_s: float = Field(1.0, gt=0.0, le=3600.0,
+                                    description="with --production: how often the promoted model is checked")
+    threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads (0 = one per core)")
+
+    @model_validator(mode="after")
+    def _n_fits_a_batch(self) -> "ServeConfig":
+        if self.max_n > self.max_batch:
+            raise ValueError(f"max_n ({self.max_n}) must not exceed max_batch ({self.max_batch}): "
+                             "a request's images run in one call")
+        return self
+
+
 class Config(Section):
     """The whole params.yaml."""
 
@@ -202,6 +229,7 @@ class Config(Section):
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _guide_is_not_the_evaluator(self) -> "Config":

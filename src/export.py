@@ -11,7 +11,9 @@ One graph per precision, the whole generator (DESIGN.md section 7):
 
 Inputs and outputs stay float32 in the fp16 graph too (only the inside is half precision),
 so `python -m src.infer` feeds both the same way. The folder also holds `tokenizer.json`
-and `onestep.json` (shapes, timestep, tokenizer ids) and a model card, README.md.
+and `onestep.json` (shapes, timestep, tokenizer ids), a model card, README.md, and, written
+last, `manifest.json`: the SHA-256 and size of every file and the artifact's version
+(src/manifest.py). Every reader (`src.infer`, `src.serve`, promotion) verifies it first.
 
 fp16: the fp32 graph converted by ONNX Runtime's float16 tool with float32 inputs/outputs;
 ops whose half-precision version is numerically unsafe or has no kernel (the timestep
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import manifest
 from .config import ExportConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
@@ -309,6 +312,7 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
                 f"{k} ({metrics[f'psnr_{k}']:.1f} dB)" for k in failed) + f"; bars: fp32 {cfg.min_psnr_fp32} dB, "
                 f"fp16 {cfg.min_psnr_fp16} dB. Nothing was written.")
         (tmp / "README.md").write_text(model_card(paths.student, c, metrics, cfg))
+        metrics["version"] = manifest.write(tmp)["version"]          # last: it hashes the files as written
     write_json(paths.reports / "metrics.json", metrics)
     return metrics
 
@@ -327,6 +331,7 @@ A text-to-image generator distilled from a Stable-Diffusion-style teacher with S
 | `fp16/model.onnx` | the same in float16 inside, float32 inputs/outputs ({m['size_mb_fp16']} MB) |
 | `tokenizer.json` | the teacher's tokenizer (Hugging Face `tokenizers` format) |
 | `onestep.json` | the I/O contract below, machine-readable |
+| `manifest.json` | SHA-256 and size of every file, and the artifact's version; readers verify it before loading |
 
 ## I/O contract
 
@@ -366,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     m = export(config.export)
     print(f"export: fp32 {m['psnr_fp32']:.1f} dB (max err {m['max_abs_err_fp32']:.1e}), "
-          f"fp16 {m['psnr_fp16']:.1f} dB (max err {m['max_abs_err_fp16']:.1e}); models/onnx written")
+          f"fp16 {m['psnr_fp16']:.1f} dB (max err {m['max_abs_err_fp16']:.1e}); models/onnx written "
+          f"(version {m['version']})")
 
 
 if __name__ == "__main__":

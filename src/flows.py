@@ -35,6 +35,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from . import manifest
 from .errors import UserError, run_cli
 from .fileio import atomic_dir
 
@@ -129,6 +130,10 @@ def promote(workspace: Path, production: Path, metrics: dict, decision: Decision
         raise StageFailed(f"nothing to promote: {artifact} is not a complete export")
     with atomic_dir(production / "current") as tmp:
         shutil.copytree(artifact, tmp / "onnx")
+        try:                          # the copy, every file, checked against the export's manifest
+            manifest.verify(tmp / "onnx", sorted(manifest.read(tmp / "onnx")["files"]))
+        except UserError as err:
+            raise StageFailed(f"not promoted: {err}") from None
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "decision.json").write_text(json.dumps(asdict(decision), indent=2) + "\n")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import manifest
 from .errors import UserError, run_cli
 from .fileio import atomic_file
 from .noise import initial_noise
@@ -31,27 +32,58 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 
 @dataclass
 class Artifact:
-    """A loaded export folder: the ONNX session, its tokenizer and its I/O contract."""
+    """A loaded, verified export folder: the ONNX session, its tokenizer, its I/O contract and version."""
 
     session: object
     tokenizer: object
     contract: dict
     provider: str
     precision: str
+    version: str = ""
+    folder: Path | None = None
 
 
-def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto", optimization: str = "all",
-                  threads: int = 0) -> Artifact:
-    """Open an export folder. `optimization`: ONNX Runtime graph optimisation level (disable, basic,
-    extended, all); `threads`: intra-op threads on CPU (0 = ONNX Runtime's default, one per core)."""
-    import onnxruntime as ort
+CONTRACT_KEYS = {"max_length": 2, "bos_id": 0, "eos_id": 0, "pad_id": 0}   # integer keys a reader needs: minimum
+
+
+def contract_problems(raw: dict) -> list[str]:
+    """What is missing or wrong in an onestep.json mapping (export writes more keys than these)."""
+    bad = [f"{k}: expected an integer >= {low}" for k, low in CONTRACT_KEYS.items()
+           if not (type(raw.get(k)) is int and raw[k] >= low)]
+    shape = raw.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d > 0 for d in shape)):
+        bad.append("latent_shape: expected three positive integers [C, h, w]")
+    return bad
+
+
+def read_contract(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); the artifact is damaged, re-export it") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object (the I/O contract), got {type(raw).__name__}")
+    bad = contract_problems(raw)
+    if bad:
+        raise UserError(f"{path}: not a valid I/O contract ({'; '.join(bad)}); re-export the artifact")
+    return raw
+
+
+def read_tokenizer(path: Path):
     from tokenizers import Tokenizer
 
-    graph = folder / precision / "model.onnx"
-    missing = [p for p in (graph, folder / "tokenizer.json", folder / "onestep.json") if not p.is_file()]
-    if missing:
-        raise UserError(f"no exported model at {folder} (missing {', '.join(map(str, missing))}); "
-                        "run `dvc repro export` first, or pass --model")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:          # tokenizers raises a bare Exception for every parse error
+        raise UserError(f"{path}: not a Hugging Face tokenizers file ({err}); re-export the artifact") from None
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def open_session(graph: Path, precision: str, provider: str, optimization: str, threads: int):
+    import onnxruntime as ort
+
     ort.set_default_logger_severity(4)          # no provider-bridge noise on machines without CUDA
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -59,16 +91,42 @@ def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto",
     opts.intra_op_num_threads = threads
     wanted = PROVIDERS["cuda"] if provider in ("auto", "cuda") else PROVIDERS["cpu"]
     wanted = [p for p in wanted if p in ort.get_available_providers()]
-    session = ort.InferenceSession(str(graph), opts, providers=wanted)
-    used = session.get_providers()[0]
-    if provider == "cuda" and used != "CUDAExecutionProvider":
+    try:
+        session = ort.InferenceSession(str(graph), opts, providers=wanted)
+    except Exception as err:          # onnxruntime's InvalidProtobuf, Fail, ... share no public base class
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{graph}: ONNX Runtime cannot open it ({first[:300]})") from None
+    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise UserError("--provider cuda: CUDA is not usable here (no GPU, or onnxruntime-gpu without CUDA "
                         "libraries); use --provider cpu or auto")
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    contract = json.loads((folder / "onestep.json").read_text())
-    return Artifact(session, tokenizer, contract, used, precision)
+    names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    if names != (["input_ids", "noise"], ["images"]):
+        raise UserError(f"{graph}: inputs {names[0]} and outputs {names[1]}; expected (input_ids, noise) -> images")
+    return session
+
+
+def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto", optimization: str = "all",
+                  threads: int = 0) -> Artifact:
+    """Open an export folder, verified against its manifest first. `optimization`: ONNX Runtime graph
+    optimisation level (disable, basic, extended, all); `threads`: intra-op threads on CPU (0 = ONNX
+    Runtime's default, one per core). Every problem with the folder is one UserError naming the file."""
+    folder = Path(folder)
+    graph = folder / precision / "model.onnx"
+    missing = [p for p in (graph, folder / "tokenizer.json", folder / "onestep.json") if not p.is_file()]
+    if missing:
+        raise UserError(f"no exported model at {folder} (missing {', '.join(map(str, missing))}); "
+                        "run `dvc repro export` first, or pass --model")
+    listed = manifest.read(folder)["files"]
+    needed = ["onestep.json", "tokenizer.json"] + sorted(p for p in listed if p.startswith(f"{precision}/"))
+    version = manifest.verify(folder, needed)["version"]
+    contract = read_contract(folder / "onestep.json")
+    tokenizer = read_tokenizer(folder / "tokenizer.json")
+    session = open_session(graph, precision, provider, optimization, threads)
+    declared = session.get_inputs()[1].shape[1:]
+    if all(isinstance(d, int) for d in declared) and list(declared) != list(contract["latent_shape"]):
+        raise UserError(f"{graph}: takes noise of shape {declared}, but {folder / 'onestep.json'} says "
+                        f"{contract['latent_shape']}; the files come from different exports, re-export")
+    return Artifact(session, tokenizer, contract, session.get_providers()[0], precision, version, folder)
 
 
 def tokenize(tokenizer, contract: dict, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -96,8 +154,24 @@ def generate(art: Artifact, prompts: list[str], seeds: list[int], batch_size: in
         end = min(start + batch_size, len(prompts))
         noise = initial_noise(seeds[start:end], tuple(c["latent_shape"]))
         images = art.session.run(["images"], {"input_ids": ids[start:end], "noise": noise})[0]
-        for j, img in enumerate(images):
-            yield start + j, (np.clip(img, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        for j, img in enumerate(to_uint8(images)):
+            yield start + j, img
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, 3, H, W) floats in [0, 1] -> (N, H, W, 3) uint8, rounded: the one quantisation of every image."""
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """One uint8 HxWx3 image as PNG (the encoding `--out` files and the server's responses share)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- the command line
@@ -186,12 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     art = load_artifact(Path(args.model), args.precision, args.provider)
     t_load = time.perf_counter() - t0
     print(f"model {args.model} ({args.precision}) on {art.provider}, loaded in {t_load:.2f} s", file=sys.stderr)
-    from PIL import Image
-
     t1 = time.perf_counter()
     for i, img in generate(art, prompts, seeds, args.batch_size):
         with atomic_file(files[i], "wb") as f:
-            Image.fromarray(img).save(f, format="PNG")
+            f.write(png_bytes(img))
     dt = time.perf_counter() - t1
     where = files[0] if len(files) == 1 else files[0].parent
     print(f"{len(prompts)} image(s) in {dt:.2f} s ({len(prompts) / dt:.1f} images/s) -> {where}", file=sys.stderr)

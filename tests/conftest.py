@@ -87,3 +87,39 @@ def micro_student(tmp_path_factory, micro_models, world_prompts) -> Path:
                                                 checkpoints=out / "ck", student=out / "student",
                                                 reports=out / "rep"))
     return out / "student"
+
+
+@pytest.fixture(scope="session")
+def micro_onnx(tmp_path_factory, micro_student, world_prompts):
+    """The micro student exported (fp32 + fp16 + manifest): (folder, export metrics)."""
+    from src.config import ExportConfig
+    from src.export import Paths, export
+
+    root = tmp_path_factory.mktemp("export")
+    metrics = export(ExportConfig(parity_prompts=4), Paths(student=micro_student, out=root / "onnx",
+                                                           reports=root / "rep",
+                                                           eval_prompts=world_prompts / "eval.jsonl"))
+    return root / "onnx", metrics
+
+
+@pytest.fixture(scope="session")
+def micro_onnx_b(tmp_path_factory, micro_student, world_prompts) -> Path:
+    """A second, different export: the micro student with its UNet's output bias shifted (other images)."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from src.config import ExportConfig
+    from src.export import Paths, export
+
+    root = tmp_path_factory.mktemp("export_b")
+    student = root / "student"
+    shutil.copytree(micro_student, student)
+    unet = UNet2DConditionModel.from_pretrained(student / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias += 0.5
+    unet.save_pretrained(student / "unet")
+    export(ExportConfig(parity_prompts=1), Paths(student=student, out=root / "onnx", reports=root / "rep",
+                                                 eval_prompts=world_prompts / "eval.jsonl"))
+    return root / "onnx"

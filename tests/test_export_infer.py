@@ -22,12 +22,8 @@ PROMPTS = ["a red circle at the top on a blue background", "a big yellow box on 
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory, micro_student, world_prompts):
-    root = tmp_path_factory.mktemp("export")
-    metrics = export(ExportConfig(parity_prompts=4), Paths(student=micro_student, out=root / "onnx",
-                                                           reports=root / "rep",
-                                                           eval_prompts=world_prompts / "eval.jsonl"))
-    return root / "onnx", metrics
+def onnx_dir(micro_onnx):
+    return micro_onnx
 
 
 def test_export_writes_both_graphs_with_parity(onnx_dir):
@@ -226,3 +222,79 @@ def test_per_weight_files_are_consolidated_and_converted_to_fp16(tmp_path):
     assert {t.data_type for t in model.graph.initializer} == {TensorProto.FLOAT16}
     got16 = ort.InferenceSession(str(half)).run(None, {"x": x})[0]
     assert got16.dtype == np.float32 and np.abs(got16 - want).max() < 0.05 * np.abs(want).max()
+
+
+def _damage(folder: Path, what: str) -> str:
+    """Damage a copy of an artifact as a failed copy or a careless edit would; return the file to be named."""
+    if what == "truncated model.onnx":
+        path = folder / "fp32" / "model.onnx"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif what == "onestep.json not JSON":
+        path = folder / "onestep.json"
+        path.write_text('{"max_length": 77,')
+    elif what == "onestep.json is {}":
+        path = folder / "onestep.json"
+        path.write_text("{}")
+    elif what == "garbage tokenizer.json":
+        path = folder / "tokenizer.json"
+        path.write_bytes(b"\x00\xffnot a tokenizer" * 10)
+    elif what == "no manifest":
+        path = folder / "manifest.json"
+        path.unlink()
+    elif what == "manifest not JSON":
+        path = folder / "manifest.json"
+        path.write_text("[[[")
+    return str(path)
+
+
+DAMAGE = ["truncated model.onnx", "onestep.json not JSON", "onestep.json is {}", "garbage tokenizer.json"]
+
+
+@pytest.mark.parametrize("what", DAMAGE + ["no manifest", "manifest not JSON"])
+def test_a_damaged_artifact_is_one_clear_error_naming_the_file(tmp_path, onnx_dir, what):
+    """The manifest catches every damaged file before anything parses it."""
+    import shutil
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(onnx_dir[0], folder)
+    named = _damage(folder, what)
+    run = _infer("a cat", "--model", str(folder), "--out", str(tmp_path / "x.png"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert named in run.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("what, message", [("truncated model.onnx", "ONNX Runtime cannot open it"),
+                                           ("onestep.json not JSON", "not valid JSON"),
+                                           ("onestep.json is {}", "max_length"),
+                                           ("garbage tokenizer.json", "not a Hugging Face tokenizers file")])
+def test_damage_behind_a_consistent_manifest_is_still_a_clear_error(tmp_path, onnx_dir, what, message):
+    """A hand-assembled folder whose manifest was rewritten after the damage: the file checks still name it."""
+    import shutil
+
+    from src import manifest
+    from src.infer import load_artifact
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(onnx_dir[0], folder)
+    named = _damage(folder, what)
+    manifest.write(folder)
+    with pytest.raises(UserError, match=message) as err:
+        load_artifact(folder, provider="cpu")
+    assert named in str(err.value)
+
+
+def test_export_writes_a_manifest_that_verifies_every_file(onnx_dir):
+    import hashlib
+
+    from src import manifest
+
+    folder, metrics = onnx_dir
+    m = manifest.read(folder)
+    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert sorted(m["files"]) == [p for p in on_disk if p != "manifest.json"]
+    for rel, entry in m["files"].items():
+        data = (folder / rel).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert metrics["version"] == m["version"] == m["digest"][:16]
+    manifest.verify(folder, sorted(m["files"]))

@@ -1,0 +1,99 @@
+"""The artifact manifest: SHA-256 and size of every file of an export folder, and its version.
+
+`python -m src.export` writes `manifest.json` last, inside the folder it swaps in whole:
+
+    {"format": 1, "version": "3f9c0a1b2c4d5e6f", "digest": "<sha256 of the file list>",
+     "files": {"fp32/model.onnx": {"bytes": 18612345, "sha256": "..."}, ...}}
+
+The version (first 16 hex digits of the digest) names the model everywhere it is served:
+the `X-Model-Version` header, `/metrics`, the web page. `verify` checks the files a reader is
+about to open; a missing, truncated or altered file is one `UserError` naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import UserError
+from .fileio import atomic_file, hash_file
+
+NAME = "manifest.json"
+FORMAT = 1
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    hash_file(h, path)
+    return h.hexdigest()
+
+
+def digest_of(files: dict[str, dict]) -> str:
+    """The artifact's identity: a hash of its sorted (path, size, sha256) list."""
+    text = "\n".join(f"{p} {files[p]['bytes']} {files[p]['sha256']}" for p in sorted(files))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build(folder: Path) -> dict:
+    """The manifest of every file under `folder` (but itself)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != NAME:
+            files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    digest = digest_of(files)
+    return {"format": FORMAT, "version": digest[:16], "digest": digest, "files": files}
+
+
+def write(folder: Path) -> dict:
+    """Write `folder/manifest.json` (call it last: it describes the files as they are now)."""
+    manifest = build(folder)
+    with atomic_file(folder / NAME) as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    return manifest
+
+
+def read(folder: Path) -> dict:
+    """The manifest of `folder`, its shape checked; a clear error when it is missing or damaged."""
+    path = folder / NAME
+    if not path.is_file():
+        raise UserError(f"{path}: missing; this folder is not a complete export (exports write it last), "
+                        "re-run `dvc repro export`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); the artifact is damaged, re-export it") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    ok = isinstance(files, dict) and files and all(
+        isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values())
+    if not ok:
+        raise UserError(f"{path}: expected {{\"files\": {{path: {{\"bytes\": int, \"sha256\": str}}}}}}; "
+                        "the artifact is damaged, re-export it")
+    if manifest.get("digest") != digest_of(files):
+        raise UserError(f"{path}: its digest does not match its file list (edited by hand?); re-export it")
+    return manifest
+
+
+def verify(folder: Path, needed: list[str]) -> dict:
+    """Check that each of `needed` (paths relative to `folder`) is listed and has its recorded size and
+    SHA-256. Returns the manifest."""
+    manifest = read(folder)
+    files = manifest["files"]
+    for rel in needed:
+        path = folder / rel
+        entry = files.get(rel)
+        if entry is None:
+            raise UserError(f"{path}: not listed in {folder / NAME}; the artifact is incomplete, re-export it")
+        if not path.is_file():
+            raise UserError(f"{path}: missing (the manifest lists it); the artifact is incomplete, re-export it")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise UserError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced); "
+                            "re-export or re-promote the artifact")
+        if file_sha256(path) != entry["sha256"]:
+            raise UserError(f"{path}: SHA-256 differs from the manifest (the file was altered or damaged); "
+                            "re-export or re-promote the artifact")
+    return manifest
