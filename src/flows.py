@@ -217,6 +217,22 @@ def retrain_flow(workspace: str = ".", prompts: str | None = None, column: str |
     return asdict(decision)
 
 
+@flow(name="swiftbrush-serve", log_prints=True)
+def serve_flow(workspace: str = ".", production: str = "production", host: str = "127.0.0.1", port: int = 8000,
+               provider: str = "auto", precision: str = "fp32", extra: list[str] | None = None) -> int:
+    """Run `python -m src.serve --production DIR` on this worker until it stops; it swaps in each promotion
+    that retrain_flow makes, so one long-running serve deployment follows every nightly retraining."""
+    ws = Path(workspace).resolve()
+    prod = (ws / production) if not Path(production).is_absolute() else Path(production)
+    cmd = [sys.executable, "-m", "src.serve", "--production", str(prod), "--host", host, "--port", str(port),
+           "--provider", provider, "--precision", precision, *(extra or [])]
+    print("serving: " + " ".join(cmd))
+    code = subprocess.run(cmd, cwd=ws).returncode
+    if code not in (0, -15):                  # -15: stopped by SIGTERM (the run was cancelled)
+        raise StageFailed(f"`python -m src.serve` exited with status {code}")
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="flow", required=True)

@@ -154,3 +154,11 @@ def test_deployments_load_and_validate():
         for schedule in dep.get("schedules", []):
             CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
     assert any(d.get("schedules") for d in spec["deployments"])
+
+
+def test_the_serve_flow_runs_the_server_command_and_fails_with_it(tmp_path):
+    from src.flows import serve_flow
+
+    assert serve_flow(str(REPO), production=str(tmp_path / "prod"), provider="cpu", extra=["--dry-run"]) == 0
+    with pytest.raises(StageFailed, match="exited with status 2"):
+        serve_flow(str(REPO), production=str(tmp_path / "prod"), port=0, provider="cpu")

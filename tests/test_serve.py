@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -226,6 +228,7 @@ def test_promotions_swap_in_under_load_without_a_failed_request(micro_onnx, micr
         for t in threads:
             t.start()
         time.sleep(0.5)
+        old = weakref.ref(service.model)
         _promote(b, production, tmp_path)                            # the winner of the next retraining
         deadline = time.monotonic() + 30
         while not any(v == vb for k in seen for _, v, _ in seen[k][-3:]):
@@ -236,6 +239,8 @@ def test_promotions_swap_in_under_load_without_a_failed_request(micro_onnx, micr
         for t in threads:
             t.join(30)
         text = c.get("/metrics").text
+        gc.collect()
+        assert old() is None                                         # A's session is released once drained
 
         # A damaged promotion (a copy cut short) is refused; the current model serves on.
         broken = tmp_path / "broken"
