@@ -10,9 +10,10 @@ from src.bench.fullsize import Settings, lora_student_params, rehearse, report, 
 @pytest.mark.timeout(900)
 def test_rehearsal_runs_every_stage_on_a_tiny_sd21_layout(tmp_path):
     """SD 2.1's layout (DDIM, v-prediction, upcast attention, the real tokenizer) through layout ->
-    prepare -> distill (killed after its checkpoint, resumed) -> stock diffusers -> COCO evaluate ->
-    export -> infer, as `python -m src.bench.fullsize --scale tiny` runs it."""
-    s = Settings(resolution=64, steps=3, eval_prompts=2, teacher_steps=2)
+    prepare -> distill (killed after its checkpoint, resumed) -> stock diffusers -> export -> infer, as
+    `python -m src.bench.fullsize --scale tiny` runs it. COCO evaluate is left out here (its three 2048-d
+    FID square roots cost ~45 s): tests/test_evaluate_coco.py runs it end to end, in one process and two."""
+    s = Settings(resolution=64, steps=3, eval_prompts=2, teacher_steps=2, evaluate=False)
     entry = rehearse("sd21", "tiny", tmp_path / "w", s, limit_gb=20.0)
     stages = entry["stages"]
     assert stages["distill_killed"]["note"].startswith("killed"), stages
@@ -21,7 +22,7 @@ def test_rehearsal_runs_every_stage_on_a_tiny_sd21_layout(tmp_path):
     assert entry["checkpoint"]["resumed_at_step"] == 2
     assert entry["export"]["psnr_fp32"] >= 40 and entry["export"]["psnr_fp16"] >= 30
     assert entry["psnr_fp32"] >= 40                         # infer (ONNX) vs stock diffusers, uint8 images
-    assert set(entry["evaluate_metrics"]) == {"teacher_1", "teacher_2", "student_1"}
+    assert "evaluate" not in stages
     text = report({"sd21-tiny": entry}, "test machine")
     assert "| distill_resume | ok |" in text
 

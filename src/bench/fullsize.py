@@ -171,6 +171,7 @@ class Settings:
     adam_impl: str = "auto"
     eval_prompts: int = 4
     teacher_steps: int = 10
+    evaluate: bool = True          # False skips the evaluate stage (its three 2048-d FID square roots take ~45 s)
     extra: dict = field(default_factory=dict)
 
 
@@ -257,8 +258,9 @@ def rehearse(arch: str, scale: str, work: Path, s: Settings, limit_gb: float, pr
     coco = work / "coco"
     if "prepare" not in finished:
         write_coco_set(coco)
-        write_inception(coco / "inception" / "inception-2015-12-05.pt")
-        write_clip(coco / "clip", work / "teacher" / "tokenizer")
+        if s.evaluate:
+            write_inception(coco / "inception" / "inception-2015-12-05.pt")
+            write_clip(coco / "clip", work / "teacher" / "tokenizer")
         (work / "params.yaml").write_text(params_yaml(s, coco))
 
     if not stage("prepare", py("src.prepare")).ok:
@@ -285,7 +287,8 @@ def rehearse(arch: str, scale: str, work: Path, s: Settings, limit_gb: float, pr
 
     prompt, seed = CAPTIONS[0], 0
     stage("stock_pipeline", ["-c", STOCK_CHECK, prompt, str(seed)])
-    stage("evaluate", py("src.evaluate"))
+    if s.evaluate:
+        stage("evaluate", py("src.evaluate"))
     ev = work / "reports" / "eval" / "metrics.json"
     if ev.is_file():
         out["evaluate_metrics"] = json.loads(ev.read_text())
