@@ -125,19 +125,48 @@ def save_student(out: Path, pipe, student, timestep: int) -> None:
              "note": "call the pipeline with num_inference_steps=1, guidance_scale=1.0"}, indent=2))
 
 
-def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) -> dict:
-    """Run (or resume) the distillation; save the student pipeline; return the final metrics."""
+@dataclass
+class Run:
+    """What the training loop works on: the models, optimisers and losses `setup` builds, and where
+    `resume` starts. The student is a copy of the teacher UNet (full) or an adapter on it (lora)."""
+
+    acc: object
+    pipe: object
+    teacher: torch.nn.Module              # frozen teacher + the LoRA teacher (adapter SCORE) on one UNet
+    student: torch.nn.Module
+    student_params: list
+    lora_params: list
+    opt_student: torch.optim.Optimizer
+    opt_lora: torch.optim.Optimizer
+    ema: object
+    vsd_loss: VSDLoss
+    lora_loss: LoRALoss
+    clip_loss: object
+    as_student: object                    # context: the student's weights active in `student`
+    uncond: torch.Tensor                  # (1, 77, D) empty-prompt embedding
+    abar: torch.Tensor
+    t_student: int
+    prediction: str
+    frozen: torch.dtype
+    shape: tuple[int, int, int]           # the student's latent (C, h, w)
+    prompts: list[str]
+    val_records: list[dict]
+    fingerprint: str = ""
+    start: int = 0
+    live_step: int = 0
+    resumed: bool = False
+
+
+def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
+    """Models, optimisers and losses, before any checkpoint is read."""
     from accelerate import Accelerator
     from peft import LoraConfig
-    from tqdm import tqdm
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
-    rank, world, device = acc.process_index, acc.num_processes, acc.device
+    device = acc.device
     prompts = [r["prompt"] for r in read_prepared(paths.train_prompts)]
     val_records = read_prepared(paths.eval_prompts, cfg.val_prompts) if paths.eval_prompts.is_file() else []
-
-    # ---- models: frozen teacher + LoRA teacher (one UNet), trainable student (a copy, or an adapter on it)
-    if cfg.student == "lora" and world > 1:
+    if cfg.student == "lora" and acc.num_processes > 1:
         raise UserError("distill.student: lora trains in one process (its adapter shares the teacher's UNet, "
                         "which DDP cannot wrap twice); use distill.student: full with several processes")
     frozen = getattr(torch, cfg.frozen_dtype)
@@ -170,27 +199,33 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         teacher.enable_gradient_checkpointing()
-    as_student = student_mode(cfg.student)
-    opt_student = torch.optim.Adam(student_params, lr=lr, **adam_options(cfg.adam_impl))
-    opt_lora = torch.optim.Adam(lora_params, lr=cfg.lora_lr, **adam_options(cfg.adam_impl))
-    ema = student_ema(student_params, cfg.ema_decay)
-    vsd_loss = VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale,
-                       SCORE)
-    lora_loss = LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting, SCORE)
-    uncond = encode_prompts(pipe, [""], device).float()                                # (1, 77, D)
     clip_loss = None
+    uncond = encode_prompts(pipe, [""], device).float()
     if cfg.clip_model is not None:
         from .clip_loss import load_clip_loss
 
         clip_loss = load_clip_loss(cfg.clip_model, cfg.clip_tau, device)
+    return Run(
+        acc=acc, pipe=pipe, teacher=teacher, student=student, student_params=student_params, lora_params=lora_params,
+        opt_student=torch.optim.Adam(student_params, lr=lr, **adam_options(cfg.adam_impl)),
+        opt_lora=torch.optim.Adam(lora_params, lr=cfg.lora_lr, **adam_options(cfg.adam_impl)),
+        ema=student_ema(student_params, cfg.ema_decay),
+        vsd_loss=VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale,
+                         SCORE),
+        lora_loss=LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting, SCORE), clip_loss=clip_loss,
+        as_student=student_mode(cfg.student), uncond=uncond, abar=abar, t_student=t_student, prediction=prediction,
+        frozen=frozen, shape=(student.config.in_channels, latent, latent), prompts=prompts, val_records=val_records,
+        fingerprint=fingerprint(cfg, lr, seed, inputs_digest(paths.train_prompts)))
 
-    # ---- resume
-    start, live_step, fp = 0, 0, fingerprint(cfg, lr, seed, inputs_digest(paths.train_prompts))
+
+def resume(run: Run, cfg: DistillConfig, paths: Paths) -> None:
+    """Load the latest checkpoint of this run's settings (if any), then wrap the models for the processes."""
+    acc = run.acc
     t_resume = time.perf_counter()
     found = checkpoint.latest(paths.checkpoints, max_step=cfg.steps)   # a longer run's later ones are not ours
     if acc.is_main_process and checkpoint.discard_after(paths.checkpoints, cfg.steps):
         acc.print(f"checkpoints in {paths.checkpoints} beyond distill.steps={cfg.steps} (a longer run) removed")
-    if found and found[1].get("fingerprint") != fp:
+    if found and found[1].get("fingerprint") != run.fingerprint:
         acc.print(f"checkpoints in {paths.checkpoints} belong to other settings, code or prompts; starting afresh")
         if acc.is_main_process:
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
@@ -199,143 +234,183 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         folder, state = found
         saved = torch.load(folder / "student.pt", map_location="cpu", weights_only=True)
         if cfg.student == "full":
-            student.load_state_dict(saved)
+            run.student.load_state_dict(saved)
         else:
-            teacher.load_state_dict(saved, strict=False)
-        teacher.load_state_dict(torch.load(folder / "lora.pt", map_location="cpu", weights_only=True), strict=False)
-        opt_student.load_state_dict(torch.load(folder / "opt_student.pt", weights_only=True))
-        opt_lora.load_state_dict(torch.load(folder / "opt_lora.pt", weights_only=True))
-        if ema is not None:
-            ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
-        start, live_step = state["step"], state["live_step"]
-        acc.print(f"resuming from {folder} (step {start}; verified and loaded in "
+            run.teacher.load_state_dict(saved, strict=False)
+        run.teacher.load_state_dict(torch.load(folder / "lora.pt", map_location="cpu", weights_only=True),
+                                    strict=False)
+        run.opt_student.load_state_dict(torch.load(folder / "opt_student.pt", weights_only=True))
+        run.opt_lora.load_state_dict(torch.load(folder / "opt_lora.pt", weights_only=True))
+        if run.ema is not None:
+            load_ema(run.ema, folder / EMA_FILE)
+        run.start, run.live_step, run.resumed = state["step"], state["live_step"], True
+        acc.print(f"resuming from {folder} (step {run.start}; verified and loaded in "
                   f"{time.perf_counter() - t_resume:.1f} s)")
     if cfg.student == "full":
-        student, opt_student, teacher, opt_lora = acc.prepare(student, opt_student, teacher, opt_lora)
-    else:                               # one process (checked above): nothing to wrap
-        opt_student, opt_lora = acc.prepare(opt_student, opt_lora)
-    if ema is not None:
-        ema.to(device)
+        run.student, run.opt_student, run.teacher, run.opt_lora = acc.prepare(
+            run.student, run.opt_student, run.teacher, run.opt_lora)
+    else:                               # one process (checked in setup): nothing to wrap
+        run.opt_student, run.opt_lora = acc.prepare(run.opt_student, run.opt_lora)
+    if run.ema is not None:
+        run.ema.to(acc.device)
 
-    t_start, steps_run = time.perf_counter(), cfg.steps - start
-    live = _open_live(paths.reports, resume=found is not None, step=live_step) if acc.is_main_process else None
-    shape = (acc.unwrap_model(student).config.in_channels, latent, latent)
+
+@dataclass
+class StepResult:
+    loss_vsd: torch.Tensor
+    loss_lora: torch.Tensor
+    grad_norm_student: float
+    grad_norm_lora: float
+    ok_student: bool
+    ok_lora: bool
+    stats: dict
+    clip_weight: float
+
+
+def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.Tensor, gen: torch.Generator,
+               step: int) -> StepResult:
+    """One SwiftBrush step (DESIGN.md section 5): the student's x0, its VSD update (+ v2's CLIP loss), then the
+    LoRA teacher's update(s) on the detached x0."""
+    acc, student, teacher = run.acc, run.student, run.teacher
+    cond = encode_prompts(run.pipe, batch_prompts, acc.device).float()                 # (B, 77, D)
+
+    # 1-2. student update: VSD gradient through x0 = f(student(z, t_s, c))
+    with acc.autocast():
+        with run.as_student(student):
+            x0 = student_x0(student, z, cond, run.abar, run.prediction, run.t_student)  # (B, 4, h, w)
+        loss_vsd, stats = run.vsd_loss(teacher, x0, cond, run.uncond, run.abar, gen)
+        loss_student = loss_vsd
+        w_clip = clip_weight(cfg.clip_weight, step, cfg.steps, cfg.clip_schedule) if run.clip_loss else 0.0
+        if w_clip > 0:      # v2: clamped CLIP loss on the decoded image, gradient through the frozen VAE
+            loss_c, cstats = run.clip_loss(decode(run.pipe.vae, x0.to(run.frozen)).float(),
+                                           run.clip_loss.text_features(batch_prompts))
+            loss_student = loss_vsd + w_clip * loss_c
+            stats.update(cstats)
+    with run.as_student(student):      # checkpointed blocks recompute under the adapter their forward ran with
+        acc.backward(loss_student)
+    gnorm_s = acc.clip_grad_norm_(run.student_params, cfg.grad_clip)
+    ok_s = _finite(loss_student, gnorm_s)
+    _step_or_skip(run.opt_student, ok_s)
+
+    # 3. LoRA-teacher update(s) on the detached student samples (fresh t and noise each)
+    ok_l = True
+    for _ in range(cfg.lora_updates):
+        with acc.autocast():
+            loss_lora, _ = run.lora_loss(teacher, x0.detach(), cond, run.uncond, run.abar, gen)
+        with adapters(teacher, enabled=True, name=SCORE):
+            acc.backward(loss_lora)
+        gnorm_l = acc.clip_grad_norm_(run.lora_params, cfg.grad_clip)
+        ok = _finite(loss_lora, gnorm_l)
+        _step_or_skip(run.opt_lora, ok)
+        ok_l = ok_l and ok
+    if run.ema is not None and ok_s:
+        run.ema.step(run.student_params)
+    return StepResult(loss_vsd, loss_lora, float(gnorm_s), float(gnorm_l), ok_s, ok_l, stats, w_clip)
+
+
+def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) -> dict:
+    """Run (or resume) the distillation; save the student pipeline; return the final metrics."""
+    from tqdm import tqdm
+
+    run = setup(cfg, lr, seed, paths)
+    resume(run, cfg, paths)
+    acc, prompts = run.acc, run.prompts
+    rank, world, main_process = acc.process_index, acc.num_processes, acc.is_main_process
+    t_start, steps_run = time.perf_counter(), cfg.steps - run.start
+    live = _open_live(paths.reports, resume=run.resumed, step=run.live_step) if main_process else None
     nonfinite = {"student": 0, "lora": 0}
     skipped = 0
     history: list[dict] = []
     t_log, samples_seen = time.perf_counter(), 0
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="distill", disable=not acc.is_main_process,
-               mininterval=2)
+    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, desc="distill",
+               disable=not main_process, mininterval=2)
     for step in bar:
+        # every draw of this step is a function of (seed, rank, step): a resumed run continues exactly
         gen = torch.Generator().manual_seed(derive_seed(seed, "distill", rank, step))
         idx = batch_indices(len(prompts), cfg.batch_size, step, rank, world, seed)
-        batch_prompts = [prompts[i] for i in idx]
-        cond = encode_prompts(pipe, batch_prompts, device).float()                      # (B, 77, D)
-        z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], shape).to(device)
-
+        z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], run.shape)
         lr_now = student_lr(lr, step, cfg.steps, cfg.lr_schedule)
-        for group in opt_student.param_groups:
+        for group in run.opt_student.param_groups:
             group["lr"] = lr_now
 
-        # 1-2. student update: VSD gradient through x0 = f(student(z, t_s, c))
-        with acc.autocast():
-            with as_student(student):
-                x0 = student_x0(student, z, cond, abar, prediction, t_student)          # (B, 4, h, w)
-            loss_vsd, stats = vsd_loss(teacher, x0, cond, uncond, abar, gen)
-            loss_student = loss_vsd
-            w_clip = clip_weight(cfg.clip_weight, step, cfg.steps, cfg.clip_schedule) if clip_loss else 0.0
-            if w_clip > 0:      # v2: clamped CLIP loss on the decoded image, gradient through the frozen VAE
-                loss_c, cstats = clip_loss(decode(pipe.vae, x0.to(frozen)).float(),
-                                           clip_loss.text_features(batch_prompts))
-                loss_student = loss_vsd + w_clip * loss_c
-                stats.update(cstats)
-        with as_student(student):      # checkpointed blocks recompute under the adapter their forward ran with
-            acc.backward(loss_student)
-        gnorm_s = acc.clip_grad_norm_(student_params, cfg.grad_clip)
-        ok_s = _finite(loss_student, gnorm_s)
-        _step_or_skip(opt_student, ok_s)
+        out = train_step(run, cfg, [prompts[i] for i in idx], z.to(acc.device), gen, step)
 
-        # 3. LoRA-teacher update(s) on the detached student samples (fresh t and noise each)
-        ok_l = True
-        for _ in range(cfg.lora_updates):
-            with acc.autocast():
-                loss_lora, lstats = lora_loss(teacher, x0.detach(), cond, uncond, abar, gen)
-            with adapters(teacher, enabled=True, name=SCORE):
-                acc.backward(loss_lora)
-            gnorm_l = acc.clip_grad_norm_(lora_params, cfg.grad_clip)
-            ok = _finite(loss_lora, gnorm_l)
-            _step_or_skip(opt_lora, ok)
-            ok_l = ok_l and ok
-
-        for name, ok in (("student", ok_s), ("lora", ok_l)):
+        for name, ok in (("student", out.ok_student), ("lora", out.ok_lora)):
             nonfinite[name] = 0 if ok else nonfinite[name] + 1
             skipped += not ok
             if nonfinite[name] >= cfg.max_nonfinite:
                 raise NonFiniteError(f"distill: {cfg.max_nonfinite} consecutive non-finite {name} steps at step "
                                      f"{step} (loss or gradient NaN/inf); lower `lr`/`distill.lora_lr` or use "
                                      "mixed_precision: bf16 instead of fp16")
-        if ema is not None and ok_s:
-            ema.step(student_params)
         samples_seen += cfg.batch_size * world
         done = step + 1
 
         # 4. log / validate / checkpoint
-        if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
+        if main_process and (done % cfg.log_every == 0 or done == cfg.steps):
             dt = time.perf_counter() - t_log
-            row = {"loss_vsd": loss_vsd.item(), "loss_lora": loss_lora.item(), "grad_norm_student": float(gnorm_s),
-                   "grad_norm_lora": float(gnorm_l), "vsd_grad_norm": float(stats["vsd_grad_norm"]), "lr": lr_now,
-                   "lora_lr": cfg.lora_lr, "steps_per_s": cfg.log_every / dt if dt else 0.0,
+            row = {"loss_vsd": out.loss_vsd.item(), "loss_lora": out.loss_lora.item(),
+                   "grad_norm_student": out.grad_norm_student, "grad_norm_lora": out.grad_norm_lora,
+                   "vsd_grad_norm": float(out.stats["vsd_grad_norm"]), "lr": lr_now, "lora_lr": cfg.lora_lr,
+                   "steps_per_s": cfg.log_every / dt if dt else 0.0,
                    "samples_per_s": samples_seen / dt if dt else 0.0, "skipped_steps": skipped}
-            if "loss_clip" in stats:
-                row.update(loss_clip=float(stats["loss_clip"]), clip_cos=float(stats["clip_cos"]), clip_weight=w_clip)
+            if "loss_clip" in out.stats:
+                row.update(loss_clip=float(out.stats["loss_clip"]), clip_cos=float(out.stats["clip_cos"]),
+                           clip_weight=out.clip_weight)
             t_log, samples_seen = time.perf_counter(), 0
             for k, v in row.items():
                 live.log_metric(f"train/{k}", v)
             bar.set_postfix(vsd=f"{row['loss_vsd']:.2e}", lora=f"{row['loss_lora']:.3f}", refresh=False)
-        if acc.is_main_process and val_records and (done % cfg.val_every == 0 or done == cfg.steps):
-            with shipped_weights(student_params, ema), as_student(student):
-                val = validate(pipe, acc.unwrap_model(student), val_records, abar, t_student)
+        if main_process and run.val_records and (done % cfg.val_every == 0 or done == cfg.steps):
+            with shipped_weights(run.student_params, run.ema), run.as_student(run.student):
+                val = validate(run.pipe, acc.unwrap_model(run.student), run.val_records, run.abar, run.t_student)
             history.append({"step": done, **val})
             for k, v in val.items():
                 live.log_metric(f"val/{k}", v)
-        if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
+        if main_process and (done % cfg.log_every == 0 or done == cfg.steps):
             live.next_step()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             acc.wait_for_everyone()
-            if acc.is_main_process:
+            if main_process:
                 t_save = time.perf_counter()
-                folder = _save_checkpoint(paths.checkpoints, done, fp, live.step, cfg.keep_checkpoints,
-                                          student_state(acc.unwrap_model(student), cfg.student),
-                                          adapter_state(acc.unwrap_model(teacher), SCORE), opt_student, opt_lora, ema)
+                folder = _save_checkpoint(paths.checkpoints, done, run.fingerprint, live.step, cfg.keep_checkpoints,
+                                          student_state(acc.unwrap_model(run.student), cfg.student),
+                                          adapter_state(acc.unwrap_model(run.teacher), SCORE), run.opt_student,
+                                          run.opt_lora, run.ema)
                 size = sum(f.stat().st_size for f in folder.iterdir())
                 bar.write(f"checkpoint {folder}: {size / 2**30:.2f} GiB written and hashed in "
                           f"{time.perf_counter() - t_save:.1f} s")
 
-    # ---- output
     acc.wait_for_everyone()
-    digest = check_ranks_in_sync(acc, acc.unwrap_model(student))
     wall = time.perf_counter() - t_start
-    result: dict = {"steps": cfg.steps, "skipped_steps": skipped, "validation": history, "student_digest": digest,
+    result: dict = {"steps": cfg.steps, "skipped_steps": skipped, "validation": history,
+                    "student_digest": check_ranks_in_sync(acc, acc.unwrap_model(run.student)),
                     "wall_s": round(wall, 1), "steps_per_s": round(steps_run / wall, 3) if wall else None,
                     "samples_per_s": round(steps_run * cfg.batch_size * world / wall, 2) if wall else None,
-                    "peak_memory_mb": _peak_memory_mb(device), "processes": world}
-    if acc.is_main_process:
-        if cfg.student == "full":
-            final = shipped(acc.unwrap_model(student), ema).eval()          # a copy holding the EMA weights
-        else:
-            with shipped_weights(student_params, ema):   # merged tensors are new: they keep the EMA weights
-                final = merge_adapter(teacher, STUDENT).eval()
-        if val_records:
-            result["final"] = validate(pipe, final, val_records, abar, t_student)
-        final = final.to(memory_format=torch.contiguous_format)                        # safetensors wants contiguous
-        if frozen != torch.float32:     # ship the teacher's own float32 text encoder and VAE, not rounded copies
-            pipe.text_encoder = pipe.vae = None
-            pipe.text_encoder, pipe.vae = frozen_parts(cfg.teacher, torch.float32)
-        save_student(paths.student, pipe, final, t_student)
-        write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
-                   | {"val_curve": history})
+                    "peak_memory_mb": _peak_memory_mb(acc.device), "processes": world}
+    if main_process:
+        finish(run, cfg, paths, result, history)
         live.end()
     return result
+
+
+def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: list[dict]) -> None:
+    """Save the shipped student (EMA weights; a LoRA student merged into a plain UNet) and the metrics."""
+    acc = run.acc
+    if cfg.student == "full":
+        final = shipped(acc.unwrap_model(run.student), run.ema).eval()      # a copy holding the EMA weights
+    else:
+        with shipped_weights(run.student_params, run.ema):   # merged tensors are new: they keep the EMA weights
+            final = merge_adapter(run.teacher, STUDENT).eval()
+    if run.val_records:
+        result["final"] = validate(run.pipe, final, run.val_records, run.abar, run.t_student)
+    final = final.to(memory_format=torch.contiguous_format)                        # safetensors wants contiguous
+    pipe = run.pipe
+    if run.frozen != torch.float32:     # ship the teacher's own float32 text encoder and VAE, not rounded copies
+        pipe.text_encoder = pipe.vae = None
+        pipe.text_encoder, pipe.vae = frozen_parts(cfg.teacher, torch.float32)
+    save_student(paths.student, pipe, final, run.t_student)
+    write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
+               | {"val_curve": history})
 
 
 def student_ema(params, decay: float | None):
@@ -344,6 +419,28 @@ def student_ema(params, decay: float | None):
     from diffusers.training_utils import EMAModel
 
     return EMAModel(list(params), decay=decay) if decay else None
+
+
+EMA_FILE = "ema.safetensors"
+
+
+def save_ema(ema, path: Path) -> None:
+    """The EMA as tensors (safetensors) plus its scalar settings as JSON metadata: no pickle."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({f"shadow.{i:06d}": t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(path),
+              metadata={"state": json.dumps(state)})
+
+
+def load_ema(ema, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        state["shadow_params"] = [f.get_tensor(k) for k in sorted(f.keys())]
+    ema.load_state_dict(state)
 
 
 def adam_options(impl: str) -> dict:
@@ -483,7 +580,7 @@ def _save_checkpoint(root: Path, step: int, fp: str, live_step: int, keep: int, 
         torch.save(opt_student.state_dict(), folder / "opt_student.pt")
         torch.save(opt_lora.state_dict(), folder / "opt_lora.pt")
         if ema is not None:
-            torch.save(ema.state_dict(), folder / "ema.pt")
+            save_ema(ema, folder / EMA_FILE)
 
     return checkpoint.save(root, step, {"fingerprint": fp, "live_step": live_step}, write, keep)
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -189,12 +188,9 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
                f"teacher_{cfg.teacher_steps}": (*teacher_digest, cfg.teacher_steps, cfg.guidance_scale, CONVENTION),
                "student_1": (tree_digest(paths.student), CONVENTION)}
     transform = center_crop_resize if cfg.mode == "coco" else None
-    timings: dict[str, float] = {}
     for name, gen in generators.items():
-        t0 = time.perf_counter()
         fill_folder(paths.images / name, records, gen, cfg.batch_size, name,
                     tree_digest(name, prompts_digest, *made_by[name]), transform, shards)
-        timings[name] = time.perf_counter() - t0
     shards.wait_for_everyone()
     if not shards.is_main_process:      # one process measures
         return {}
@@ -234,7 +230,7 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
 
     write_json(paths.reports / "metrics.json", metrics)
     with atomic_file(paths.reports / "README.md") as f:
-        f.write(report(metrics, len(records), cfg, timings, scorer.name))
+        f.write(report(metrics, len(records), cfg, scorer.name))
     columns = {"reference": reference} if reference is not None else {}
     columns |= {name: load_folder(paths.images / name, records[:cfg.grid_rows]) for name in names}
     grid = sample_grid(columns, prompts[:cfg.grid_rows])
@@ -275,7 +271,7 @@ def _render_references(folder: Path, records: list[dict], resolution: int, finge
         [render(Scene(**by_seed[s]["scene"]), resolution, seed=s) for s in seeds]), 256, "reference", fingerprint)
 
 
-def report(metrics: dict, n: int, cfg: EvaluateConfig, timings: dict[str, float], clip_name: str) -> str:
+def report(metrics: dict, n: int, cfg: EvaluateConfig, clip_name: str) -> str:
     attrs = ["shape", "color", "position", "size", "background"] if cfg.mode == "world" else []
     if cfg.mode == "world":
         intro = ("Same prompts and per-prompt seeds for every generator. FID (against ground-truth renders of the "
@@ -286,7 +282,7 @@ def report(metrics: dict, n: int, cfg: EvaluateConfig, timings: dict[str, float]
                  f"with its own seed; generated and val2014 images centre-cropped and Lanczos-resized to "
                  f"{COCO_SIZE}; clean-fid (mode clean, Inception-v3) against every image in {cfg.coco.images}. "
                  f"CLIP score: cosine similarity, backbone {clip_name}.")
-    head = ["generator", "FID", "CLIP score"] + (["attribute accuracy", *attrs] if attrs else []) + ["s / image"]
+    head = ["generator", "FID", "CLIP score"] + (["attribute accuracy", *attrs] if attrs else [])
     lines = [f"# Evaluation ({cfg.mode} mode, {n} eval prompts)", "", intro, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
@@ -294,10 +290,9 @@ def report(metrics: dict, n: int, cfg: EvaluateConfig, timings: dict[str, float]
         if attrs:
             row += [f"{m['attribute_accuracy']:.3f}"] + [f"{m.get('attribute_accuracy_' + a, float('nan')):.3f}"
                                                         for a in attrs]
-        row.append(f"{timings[name] / n:.4f}" if name in timings else "-")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "s / image: generation wall time of this run divided by the prompts (0 when the images were reused).",
-              "", "![samples](grid.png)", ""]
+    lines += ["", "Generation speed is measured by `python -m src.bench` (reports/bench/README.md), not here: "
+              "a rerun reuses the images it already drew.", "", "![samples](grid.png)", ""]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from . import manifest
 from .errors import UserError, run_cli
 from .fileio import atomic_file
 from .noise import initial_noise
+from .text import normalize_counted
 
 OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                 "all": "ORT_ENABLE_ALL"}   # names of ort.GraphOptimizationLevel
@@ -204,9 +205,13 @@ def read_prompts(args) -> list[str]:
             prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError as err:
             raise UserError(f"--prompts-file {path}: not UTF-8 text ({err})") from None
-    prompts = [p.strip() for p in prompts]
+    cleaned = [normalize_counted(p) for p in prompts]                  # as prepare does
+    prompts = [p for p, _ in cleaned]
     if not prompts or any(not p for p in prompts):
         raise UserError("no prompts: give one or more non-empty prompts as arguments or with --prompts-file")
+    removed = [n for _, n in cleaned if n]
+    if removed:
+        print(f"warning: removed {sum(removed)} control character(s) from {len(removed)} prompt(s)", file=sys.stderr)
     return prompts
 
 

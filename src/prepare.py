@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import random
-import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Iterator
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from .config import PrepareConfig, SourceConfig, WorldConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_file, write_json
+from .text import normalize_counted
 from .world.scene import caption, sample_scene
 
 TOKENIZE_BATCH = 8192
@@ -57,6 +57,8 @@ class SplitStats:
     empty: int = 0
     duplicates: int = 0
     too_long: int = 0
+    control_chars: int = 0  # control characters (NUL, ESC, C1, ...) removed by the normalisation
+    with_control_chars: int = 0  # prompts they were removed from
     bad_lines: int = 0
     bad_line_examples: list[str] = field(default_factory=list)
     excluded: int = 0  # world train prompts equal to an eval prompt (skipped: splits stay disjoint)
@@ -68,11 +70,6 @@ def derive_seed(seed: int, *keys: object) -> int:
     """A stable 31-bit seed for (seed, keys...): independent of batch sizes and Python's hash salt."""
     text = ":".join(str(k) for k in (seed, *keys)).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & 0x7FFFFFFF
-
-
-def normalize(text: str) -> str:
-    """NFKC unicode, every run of whitespace (newlines, tabs, NBSP) to one space, trimmed."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def _dedupe_key(text: str) -> bytes:
@@ -305,7 +302,10 @@ def _write_split(items: Iterable[Item], cfg: SourceConfig, stats: SplitStats, ou
             if len(stats.bad_line_examples) < MAX_EXAMPLES:
                 stats.bad_line_examples.append(f"{item.where}: {item.reason}")
             continue
-        text = normalize(item.text)
+        text, removed = normalize_counted(item.text)
+        if removed:
+            stats.control_chars += removed
+            stats.with_control_chars += 1
         if not text:
             stats.empty += 1
             continue
@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     results = prepare(config.prepare, config.world, config.seed, args.out_dir, args.stats)
     for name, s in results.items():
         print(f"{name}: kept {s.kept} of {s.read} read (duplicates {s.duplicates}, empty {s.empty}, "
-              f"bad lines {s.bad_lines}, longer than {config.prepare.max_tokens} tokens {s.too_long}) "
+              f"bad lines {s.bad_lines}, longer than {config.prepare.max_tokens} tokens {s.too_long}, "
+              f"control characters removed {s.control_chars}) "
               f"-> {args.out_dir / (name + '.jsonl')}")
 
 

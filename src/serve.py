@@ -47,6 +47,7 @@ from .config import DEFAULT_PARAMS, ServeConfig, add_config_args, apply_override
 from .errors import UserError, run_cli
 from .infer import Artifact, load_artifact, png_bytes, to_uint8, tokenize
 from .noise import initial_noise
+from .text import normalize_counted
 
 log = logging.getLogger("src.serve")
 MAX_SEED = 2**63 - 1
@@ -71,8 +72,9 @@ class ImageRequest(BaseModel):
     response_format: Literal["png", "b64_json"] = "png"
 
 
-def parse_request(body: bytes, cfg: ServeConfig) -> ImageRequest:
-    """The request body -> a checked request; every problem is a 4xx naming the field."""
+def parse_request(body: bytes, cfg: ServeConfig) -> tuple[ImageRequest, list[str]]:
+    """The request body -> (a checked request with its prompt normalised, warnings); every problem is a 4xx
+    naming the field."""
     try:
         raw = json.loads(body)
     except RecursionError:
@@ -93,16 +95,17 @@ def parse_request(body: bytes, cfg: ServeConfig) -> ImageRequest:
                 else e["msg"]
             parts.append(f"{key}: {msg}{got}")
         raise Rejected(422, "invalid_request", "; ".join(parts)) from None
-    prompt = req.prompt.strip()
-    if not prompt:
-        raise Rejected(422, "invalid_request", "prompt: must not be empty")
-    if len(prompt) > cfg.max_prompt_chars:
-        raise Rejected(422, "invalid_request", f"prompt: {len(prompt)} characters, at most {cfg.max_prompt_chars}")
+    if len(req.prompt) > cfg.max_prompt_chars:
+        raise Rejected(422, "invalid_request", f"prompt: {len(req.prompt)} characters, at most {cfg.max_prompt_chars}")
     try:
-        prompt.encode("utf-8")
+        req.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise Rejected(422, "invalid_request", "prompt: contains a lone UTF-16 surrogate (not valid Unicode text)") \
             from None
+    prompt, removed = normalize_counted(req.prompt)          # as prepare and infer do
+    if not prompt:
+        raise Rejected(422, "invalid_request", "prompt: must not be empty" + (
+            f" (it held only whitespace and {removed} control characters)" if removed else ""))
     if req.n > cfg.max_n:
         raise Rejected(422, "invalid_request", f"n: at most {cfg.max_n} images per request (got {req.n})")
     if req.seed is not None and req.seed + req.n - 1 > MAX_SEED:
@@ -111,7 +114,8 @@ def parse_request(body: bytes, cfg: ServeConfig) -> ImageRequest:
         raise Rejected(422, "invalid_request", "response_format 'png' returns one image: ask for n = 1, "
                                                "or use response_format 'b64_json'")
     req.prompt = prompt
-    return req
+    warnings = [f"{removed} control character(s) removed from the prompt"] if removed else []
+    return req, warnings
 
 
 async def read_body(request, limit: int) -> bytes:
@@ -381,7 +385,7 @@ def create_app(service: Service):
     async def images(request: Request):
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        req = parse_request(await read_body(request, service.cfg.max_body_bytes), service.cfg)
+        req, warnings = parse_request(await read_body(request, service.cfg.max_body_bytes), service.cfg)
         art = service.model                    # pinned: this request finishes on this model
         if art is None:
             raise Rejected(503, "not_ready", "no model is loaded yet", {"Retry-After": "1"})
@@ -398,14 +402,14 @@ def create_app(service: Service):
             raise Rejected(503, "timeout", f"not answered within {service.cfg.request_timeout_s} s "
                                            "(serve.request_timeout_s)", {"Retry-After": "1"}) from None
         pngs = await loop.run_in_executor(None, lambda: [png_bytes(p) for p in pixels])
-        warnings = [f"the prompt is longer than {art.contract['max_length']} tokens and was truncated; "
-                    f"dropped text: {cut[0]!r}"] if cut else []
+        warnings += [f"the prompt is longer than {art.contract['max_length']} tokens and was truncated; "
+                     f"dropped text: {cut[0]!r}"] if cut else []
         ms = round((time.perf_counter() - t0) * 1000, 1)
         m.latency.observe(ms / 1000)
         headers = {"X-Model-Version": art.version, "X-Seed": str(seed), "X-Time-Ms": str(ms)}
         if req.response_format == "png":
             if warnings:
-                headers["X-Warning"] = json.dumps(warnings[0])          # ASCII-escaped: a valid header value
+                headers["X-Warning"] = json.dumps(" / ".join(warnings))  # ASCII-escaped: a valid header value
             return Response(pngs[0], media_type="image/png", headers=headers)
         return JSONResponse({"model_version": art.version, "seed": seed, "time_ms": ms, "warnings": warnings,
                              "images": [{"seed": s, "b64_png": base64.b64encode(p).decode()}

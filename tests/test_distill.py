@@ -22,6 +22,8 @@ from src.config import DistillConfig
 from src.distill import NonFiniteError, Paths, batch_indices, distill
 from src.errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]
+
 FAST = dict(steps=4, batch_size=2, lora_rank=4, lora_alpha=8, checkpoint_every=2, log_every=1, val_every=2,
             val_prompts=4)
 
@@ -78,6 +80,48 @@ def test_student_lr_schedules():
     short, long = DistillConfig(steps=10, lr_schedule="cosine"), DistillConfig(steps=20, lr_schedule="cosine")
     assert fingerprint(short, 1e-5, 0) != fingerprint(long, 1e-5, 0)
     assert fingerprint(DistillConfig(steps=10), 1e-5, 0) == fingerprint(DistillConfig(steps=20), 1e-5, 0)
+
+
+def test_the_ema_round_trips_through_safetensors_without_pickle(tmp_path):
+    """A resumed EMA continues exactly: the same shadow weights and the same warm-up position."""
+    from safetensors import safe_open
+
+    from src.distill import load_ema, save_ema, student_ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ema = student_ema(model.parameters(), 0.9)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape))
+        ema.step(model.parameters())
+    save_ema(ema, tmp_path / "ema.safetensors")
+    with safe_open(str(tmp_path / "ema.safetensors"), framework="pt") as f:      # tensors + JSON, nothing else
+        assert len(list(f.keys())) == 2 and "optimization_step" in f.metadata()["state"]
+    again = student_ema(torch.nn.Linear(4, 3).parameters(), 0.9)
+    load_ema(again, tmp_path / "ema.safetensors")
+    assert again.optimization_step == ema.optimization_step == 5
+    for a, b in zip(again.shadow_params, ema.shadow_params):
+        assert torch.equal(a, b)
+
+
+def test_no_load_in_src_uses_pickle():
+    """Every torch.load passes weights_only=True; no pickle, no numpy allow_pickle, no joblib."""
+    import ast
+
+    for path in (REPO / "src").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if name.endswith("torch.load") or name == "load" and "weights_only" in kw:
+                    assert kw.get("weights_only") == "True", f"{path}:{node.lineno}: {ast.unparse(node)}"
+                assert kw.get("allow_pickle") != "True", f"{path}:{node.lineno}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not {"pickle", "cPickle", "joblib", "dill"} & set(names), f"{path}:{node.lineno}"
 
 
 def test_student_ema_follows_the_documented_warm_up():
@@ -402,7 +446,8 @@ def test_the_saved_student_holds_the_ema_weights(tmp_path, micro_models, world_p
                           **dict(extra, steps=2, checkpoint_every=2, val_every=100)), lr=1e-3, seed=0, paths=paths)
     saved = load_file(paths.student / "unet" / "diffusion_pytorch_model.safetensors")
     folder = checkpoint.latest(paths.checkpoints)[0]
-    shadow = torch.load(folder / "ema.pt", weights_only=False)["shadow_params"]
+    ema = load_file(folder / "ema.safetensors")
+    shadow = [ema[k] for k in sorted(ema)]
     raw = torch.load(folder / "student.pt", weights_only=True)
     trained = list(raw.values())                       # the EMA follows the trainable tensors, in this order
     assert len(shadow) == len(trained)

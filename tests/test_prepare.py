@@ -13,7 +13,8 @@ import pytest
 
 from src.config import PrepareConfig, SourceConfig, WorldConfig
 from src.errors import UserError
-from src.prepare import normalize, prepare
+from src.prepare import prepare
+from src.text import normalize, normalize_counted
 from src.world import read_scene, render, score
 from src.world.scene import Scene
 
@@ -72,6 +73,14 @@ def test_text_normalises_dedupes_and_keeps_the_unterminated_last_line(tmp_path, 
     assert [r["prompt"] for r in train] == ["A red circle", "FULL width", "last line without newline"]
     s = stats["train"]
     assert (s.read, s.kept, s.duplicates, s.empty, s.bad_lines) == (6, 3, 1, 2, 0)
+
+
+def test_prepare_removes_control_characters_and_counts_them(tmp_path, tokenizer_dir):
+    f = _write(tmp_path / "p.txt", "a red\x00 circle\nblue \x1b[1msquare\x9b\n\x00\x07\nplain\n")
+    stats, train, _ = _run(tmp_path, _cfg(tokenizer_dir, {"source": "text", "path": str(f)}))
+    assert [r["prompt"] for r in train] == ["a red circle", "blue [1msquare", "plain"]
+    s = stats["train"]
+    assert (s.control_chars, s.with_control_chars, s.empty) == (5, 3, 1)
 
 
 def test_dedupe_can_be_switched_off(tmp_path, tokenizer_dir):
@@ -239,6 +248,14 @@ def test_tokenizer_may_be_given_as_a_pipeline_folder(tmp_path, tokenizer_dir):
 def test_normalize():
     assert normalize("  a\u2003b\r\n c\u00a0 ") == "a b c"
     assert normalize("ﬁne") == "fine"  # NFKC ligature
+
+
+def test_control_characters_are_removed_and_counted():
+    # NUL, BEL, ESC (of an ANSI colour code), DEL and the C1 CSI are removed; the whitespace controls
+    # (tab, the separators U+001C-U+001F, NEL U+0085) still separate words.
+    assert normalize_counted("a\x00 red\x07 ci\x1b[31mrcle\x7f\x9b") == ("a red ci[31mrcle", 5)
+    assert normalize_counted("a\tred\x1fcircle\x85top") == ("a red circle top", 0)
+    assert normalize_counted("\x00\x01") == ("", 2)
 
 
 def test_cli_error_is_one_line(tmp_path, repo):

@@ -135,6 +135,7 @@ BAD = [  # (body, status, words the error must contain)
     (b'[' * 5000 + b']' * 5000, 400, "nests too deeply"),
     (b'{"prompt": "' + b'a' * 2001 + b'"}', 422, "prompt: 2001 characters, at most 2000"),
     (b'{"prompt": "\\ud800 cat"}', 422, "lone UTF-16 surrogate"),
+    (b'{"prompt": "\\u0000\\u0007 "}', 422, "only whitespace and 2 control characters"),
     (b'{"prompt": "' + b'a' * 20000 + b'"}', 413, "at most 16384"),
 ]
 
@@ -171,6 +172,14 @@ def test_a_long_prompt_is_served_with_the_truncation_warning(server):
     png = httpx.post(server + "/v1/images", json={"prompt": " ".join(["red circle"] * 80), "seed": 1})
     assert "truncated" in png.headers["x-warning"]
     assert png.content == base64.b64decode(r.json()["images"][0]["b64_png"])
+
+
+def test_control_characters_are_removed_with_a_warning(server):
+    clean = httpx.post(server + "/v1/images", json={"prompt": PROMPT, "seed": 2})
+    dirty = httpx.post(server + "/v1/images", json={"prompt": "\x00" + PROMPT.replace(" ", " \x1b", 1), "seed": 2,
+                                                    "response_format": "b64_json"})
+    assert dirty.status_code == 200 and "2 control character(s) removed" in dirty.json()["warnings"][0]
+    assert base64.b64decode(dirty.json()["images"][0]["b64_png"]) == clean.content
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_a_slow_one_503(micro_onnx):

@@ -5,7 +5,7 @@
 Generates a synthetic prompt file (world captions plus free-text variations, with
 duplicates, blank lines, over-long prompts and non-UTF-8 lines mixed in), runs
 `python -m src.prepare` on it as a separate process and records its wall time and peak
-resident memory. Targets (issue #2): under 2 minutes and under 2 GB on 2 cores.
+resident memory. The budget it is checked against: under 2 minutes and under 2 GB on 2 cores.
 """
 
 from __future__ import annotations

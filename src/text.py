@@ -1,0 +1,28 @@
+"""Prompt text normalisation: one definition for prepare, infer and serve.
+
+NFKC Unicode; control characters (C0, DEL, C1) that are not whitespace removed (a NUL byte
+or an escape sequence is never part of a prompt); every run of whitespace (tabs, newlines,
+NBSP, the separator controls) to one space; trimmed.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+
+def is_control(ch: str) -> bool:
+    """C0 (U+0000-U+001F), DEL (U+007F) and C1 (U+0080-U+009F): Unicode category Cc."""
+    return unicodedata.category(ch) == "Cc"
+
+
+def normalize_counted(text: str) -> tuple[str, int]:
+    """(normalised text, number of non-whitespace control characters removed)."""
+    text = unicodedata.normalize("NFKC", text)
+    removed = sum(1 for ch in text if is_control(ch) and not ch.isspace())
+    if removed:
+        text = "".join(ch for ch in text if ch.isspace() or not is_control(ch))
+    return " ".join(text.split()), removed
+
+
+def normalize(text: str) -> str:
+    return normalize_counted(text)[0]
