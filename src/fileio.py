@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from .errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -70,3 +72,11 @@ def hash_file(h, path: str | os.PathLike, chunk: int = 1 << 20) -> None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
+
+
+def read_json(path: str | os.PathLike, hint: str = "") -> object:
+    """Parsed JSON of a file; a file that is not JSON is one UserError naming it (and what to do)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})" + (f"; {hint}" if hint else "")) from None

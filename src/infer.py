@@ -12,7 +12,6 @@ seed give the same image on every run, whatever the batch size. The artifact com
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 
 from . import manifest
 from .errors import UserError, run_cli
-from .fileio import atomic_file
+from .fileio import atomic_file, read_json
 from .noise import initial_noise
 from .text import normalize_counted
 
@@ -58,10 +57,7 @@ def contract_problems(raw: dict) -> list[str]:
 
 
 def read_contract(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err}); the artifact is damaged, re-export it") from None
+    raw = read_json(path, "the artifact is damaged, re-export it")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object (the I/O contract), got {type(raw).__name__}")
     bad = contract_problems(raw)

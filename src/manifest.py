@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .fileio import atomic_file, hash_file
+from .fileio import atomic_file, hash_file, read_json
 
 NAME = "manifest.json"
 FORMAT = 1
@@ -61,10 +61,7 @@ def read(folder: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: missing; this folder is not a complete export (exports write it last), "
                         "re-run `dvc repro export`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err}); the artifact is damaged, re-export it") from None
+    manifest = read_json(path, "the artifact is damaged, re-export it")
     files = manifest.get("files") if isinstance(manifest, dict) else None
     ok = isinstance(files, dict) and files and all(
         isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .fileio import read_json
 from .vsd import SUPPORTED_PREDICTIONS
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -19,10 +19,7 @@ def check_pipeline_folder(path: Path) -> None:
     if not index.is_file():
         raise UserError(f"teacher {path}: not a diffusers pipeline folder (no model_index.json); expected a "
                         "StableDiffusionPipeline.save_pretrained folder such as stable-diffusion-2-1-base")
-    try:
-        spec = json.loads(index.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"teacher {index}: not valid JSON ({err})") from None
+    spec = read_json(index, "the teacher folder is damaged")
     missing = [c for c in REQUIRED if not spec.get(c) or spec[c][0] is None or not (path / c).is_dir()]
     if missing:
         raise UserError(f"teacher {path}: not a Stable Diffusion pipeline: missing {', '.join(missing)} "
