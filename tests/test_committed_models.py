@@ -34,13 +34,13 @@ def test_committed_teacher_draws_what_the_prompt_says(repo):
     assert acc >= 0.6, f"teacher (10 steps) attribute accuracy {acc:.2f}"
 
 
-def test_readme_stock_pipeline_line_draws_as_written(repo, monkeypatch):
-    """The README's line, no dtype given: every component must come back in one dtype (a half text
+def test_documented_stock_pipeline_line_draws_as_written(repo, monkeypatch):
+    """The documented line (docs/world.md), no dtype given: every component must come back in one dtype (a half text
     encoder beside a float UNet fails on the first call with 'mat1 and mat2 must have the same dtype')."""
     from diffusers import StableDiffusionPipeline
 
     monkeypatch.chdir(repo)
-    assert 'StableDiffusionPipeline.from_pretrained("models/teacher")' in (repo / "README.md").read_text()
+    assert 'StableDiffusionPipeline.from_pretrained("models/teacher")' in (repo / "docs" / "world.md").read_text()
     pipe = StableDiffusionPipeline.from_pretrained("models/teacher")
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle at the top on a blue background", num_inference_steps=2).images[0]
