@@ -188,10 +188,19 @@ class EvaluateConfig(Section):
 class ExportConfig(Section):
     """The export stage (DESIGN.md section 7): ONNX fp32 + fp16 and their parity with PyTorch."""
 
-    opset: int = Field(17, ge=14, le=23, description="ONNX opset")
+    opset: int = Field(17, ge=14, le=23, description="ONNX opset (the dynamo exporter needs >= 18)")
+    exporter: Literal["torchscript", "dynamo"] = Field(
+        "torchscript", description="torch -> ONNX: torchscript (legacy tracer, deprecated by PyTorch) or dynamo "
+                                   "(torch.export; measured in reports/bench/onnx_exporter.md)")
     parity_prompts: int = Field(16, ge=1, le=4096, description="eval prompts used for the parity check")
     min_psnr_fp32: float = Field(40.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")
     min_psnr_fp16: float = Field(30.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")
+
+    @model_validator(mode="after")
+    def _dynamo_opset(self) -> "ExportConfig":
+        if self.exporter == "dynamo" and self.opset < 18:
+            raise ValueError(f"exporter 'dynamo' writes opset 18 or later; set export.opset: 18 (got {self.opset})")
+        return self
 
 
 class ServeConfig(Section):

@@ -87,20 +87,26 @@ def contract(pipe) -> dict:
     }
 
 
-def export_fp32(pipe, path: Path, opset: int) -> None:
-    """torch -> ONNX (TorchScript exporter; dynamic batch), external data when over 2 GB."""
-    import onnx
-
+def export_fp32(pipe, path: Path, opset: int, exporter: str = "torchscript") -> None:
+    """torch -> ONNX with a dynamic batch, external data when over 2 GB. `exporter`: torchscript (the
+    legacy tracer, deprecated by PyTorch) or dynamo (torch.export; needs the onnxscript package)."""
     graph = OneStepGraph(pipe).eval()
     c = contract(pipe)
-    ids = torch.full((2, c["max_length"]), c["pad_id"], dtype=torch.long)
-    noise = torch.zeros(2, *c["latent_shape"])
+    ids = torch.full((2, c["max_length"]), c["pad_id"], dtype=torch.long)   # batch 2: a size-1 axis is not
+    noise = torch.zeros(2, *c["latent_shape"])                             # exported as dynamic
     raw = path.parent / "raw.onnx"
+    names = dict(input_names=["input_ids", "noise"], output_names=["images"], opset_version=opset)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shape asserts in diffusers blocks
-        torch.onnx.export(graph, (ids, noise), str(raw), input_names=["input_ids", "noise"],
-                          output_names=["images"], opset_version=opset, dynamo=False,
-                          dynamic_axes={"input_ids": {0: "batch"}, "noise": {0: "batch"}, "images": {0: "batch"}})
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            program = torch.onnx.export(graph, (ids, noise), None, dynamo=True, verbose=False,
+                                        dynamic_shapes=({0: batch}, {0: batch}), **names)
+            program.save(str(raw))            # its weights go to raw.onnx.data past 2 GB
+            del program
+        else:
+            torch.onnx.export(graph, (ids, noise), str(raw), dynamo=False, **names,
+                              dynamic_axes={"input_ids": {0: "batch"}, "noise": {0: "batch"}, "images": {0: "batch"}})
     del graph
     consolidate(raw, path)
     for f in path.parent.iterdir():
@@ -290,7 +296,7 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
         files = {"fp32": tmp / "fp32" / "model.onnx", "fp16": tmp / "fp16" / "model.onnx"}
         for f in files.values():
             f.parent.mkdir(parents=True)
-        export_fp32(pipe, files["fp32"], cfg.opset)
+        export_fp32(pipe, files["fp32"], cfg.opset, cfg.exporter)
         pipe.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         c = contract(pipe)
         (tmp / "onestep.json").write_text(json.dumps(c, indent=2) + "\n")
@@ -349,7 +355,7 @@ provider as well as CUDA (fp16 is meant for GPUs; on CPU ONNX Runtime runs its h
 ## How it was made
 
 `python -m src.export` from the diffusers pipeline in `{student}` ({json.dumps(made) if made else 'student pipeline'});
-ONNX opset {cfg.opset}; fp16 by ONNX Runtime's float16 converter with float32 I/O.
+ONNX opset {cfg.opset}, {cfg.exporter} exporter; fp16 by ONNX Runtime's float16 converter with float32 I/O.
 
 Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their seeds (images in [0, 1]):
 

@@ -298,3 +298,20 @@ def test_export_writes_a_manifest_that_verifies_every_file(onnx_dir):
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert metrics["version"] == m["version"] == m["digest"][:16]
     manifest.verify(folder, sorted(m["files"]))
+
+
+def test_the_dynamo_exporter_meets_the_same_parity_bars(tmp_path, micro_student, world_prompts):
+    """export.exporter: dynamo (torch.export) writes the same contract: dynamic batch, fp32 and fp16 above
+    the bars, and images equal to the TorchScript artifact's within float32 rounding."""
+    from src.infer import generate, load_artifact
+
+    metrics = export(ExportConfig(exporter="dynamo", opset=18, parity_prompts=3),
+                     Paths(student=micro_student, out=tmp_path / "onnx", reports=tmp_path / "rep",
+                           eval_prompts=world_prompts / "eval.jsonl"))
+    assert metrics["psnr_fp32"] >= 40 and metrics["psnr_fp16"] >= 30
+    art = load_artifact(tmp_path / "onnx", provider="cpu")
+    assert art.session.get_inputs()[0].shape[0] == "batch"
+    one = dict(generate(art, PROMPTS[:1], [3], batch_size=1))[0]
+    three = dict(generate(art, PROMPTS, [3, 4, 5], batch_size=3))
+    assert np.abs(one.astype(int) - three[0].astype(int)).max() <= 1             # a batch of 1 is dynamic too
+    assert "dynamo exporter" in (tmp_path / "onnx" / "README.md").read_text()
