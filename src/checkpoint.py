@@ -9,7 +9,6 @@ is corrupt: loading it raises an error that names it; it is never loaded silentl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .fileio import atomic_dir, hash_file
+from .fileio import atomic_dir, sha256_file
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
@@ -29,19 +28,13 @@ def step_of(folder: Path) -> int:
     return int(_NAME.match(folder.name).group(1))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    hash_file(h, path)
-    return h.hexdigest()
-
-
 def save(root: Path, step: int, state: dict[str, Any], write_files: Callable[[Path], None], keep: int = 2) -> Path:
     """Write checkpoint `step` under `root` (files via `write_files(folder)`), then prune to `keep`."""
     final = root / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
         write_files(tmp)
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(files, indent=2), encoding="utf-8")
     for old in complete(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -75,7 +68,7 @@ def verify(folder: Path) -> dict[str, Any]:
                         "to resume from an earlier checkpoint or start afresh") from None
     for name, digest in manifest.items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise UserError(f"checkpoint {folder} is corrupt: {name} is missing or does not match its checksum; "
                             "delete the folder to resume from an earlier checkpoint or start afresh")
     return json.loads((folder / STATE).read_text(encoding="utf-8"))

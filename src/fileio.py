@@ -74,6 +74,15 @@ def hash_file(h, path: str | os.PathLike, chunk: int = 1 << 20) -> None:
             h.update(block)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, streamed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    hash_file(h, path)
+    return h.hexdigest()
+
+
 def read_json(path: str | os.PathLike, hint: str = "") -> object:
     """Parsed JSON of a file; a file that is not JSON is one UserError naming it (and what to do)."""
     try:

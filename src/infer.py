@@ -113,9 +113,7 @@ def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto",
     if missing:
         raise UserError(f"no exported model at {folder} (missing {', '.join(map(str, missing))}); "
                         "run `dvc repro export` first, or pass --model")
-    listed = manifest.read(folder)["files"]
-    needed = ["onestep.json", "tokenizer.json"] + sorted(p for p in listed if p.startswith(f"{precision}/"))
-    version = manifest.verify(folder, needed)["version"]
+    version = manifest.verify(folder, ["onestep.json", "tokenizer.json", f"{precision}/"])["version"]
     contract = read_contract(folder / "onestep.json")
     tokenizer = read_tokenizer(folder / "tokenizer.json")
     session = open_session(graph, precision, provider, optimization, threads)

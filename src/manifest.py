@@ -13,20 +13,13 @@ about to open; a missing, truncated or altered file is one `UserError` naming it
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from .errors import UserError
-from .fileio import atomic_file, hash_file, read_json
+from .fileio import read_json, sha256_file, write_json
 
 NAME = "manifest.json"
 FORMAT = 1
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    hash_file(h, path)
-    return h.hexdigest()
 
 
 def digest_of(files: dict[str, dict]) -> str:
@@ -41,7 +34,7 @@ def build(folder: Path) -> dict:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel != NAME:
-            files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     digest = digest_of(files)
     return {"format": FORMAT, "version": digest[:16], "digest": digest, "files": files}
 
@@ -49,9 +42,7 @@ def build(folder: Path) -> dict:
 def write(folder: Path) -> dict:
     """Write `folder/manifest.json` (call it last: it describes the files as they are now)."""
     manifest = build(folder)
-    with atomic_file(folder / NAME) as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
+    write_json(folder / NAME, manifest)
     return manifest
 
 
@@ -74,12 +65,20 @@ def read(folder: Path) -> dict:
     return manifest
 
 
-def verify(folder: Path, needed: list[str]) -> dict:
-    """Check that each of `needed` (paths relative to `folder`) is listed and has its recorded size and
-    SHA-256. Returns the manifest."""
+def verify(folder: Path, needed: list[str] | None = None) -> dict:
+    """Check that each of `needed` (paths relative to `folder`; one ending in "/" stands for every listed
+    file below it; None: every listed file) is listed and has its recorded size and SHA-256. Returns the
+    manifest."""
     manifest = read(folder)
     files = manifest["files"]
-    for rel in needed:
+    wanted = []
+    for item in sorted(files) if needed is None else needed:
+        below = sorted(p for p in files if p.startswith(item)) if item.endswith("/") else [item]
+        if not below:
+            raise UserError(f"{folder / item}: no file below it is listed in {folder / NAME}; the artifact is "
+                            "incomplete, re-export it")
+        wanted += below
+    for rel in wanted:
         path = folder / rel
         entry = files.get(rel)
         if entry is None:
@@ -90,7 +89,7 @@ def verify(folder: Path, needed: list[str]) -> dict:
         if size != entry["bytes"]:
             raise UserError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced); "
                             "re-export or re-promote the artifact")
-        if file_sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise UserError(f"{path}: SHA-256 differs from the manifest (the file was altered or damaged); "
                             "re-export or re-promote the artifact")
     return manifest

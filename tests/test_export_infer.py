@@ -298,6 +298,9 @@ def test_export_writes_a_manifest_that_verifies_every_file(onnx_dir):
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert metrics["version"] == m["version"] == m["digest"][:16]
     manifest.verify(folder, sorted(m["files"]))
+    assert manifest.verify(folder) == manifest.verify(folder, ["fp32/", "fp16/", "onestep.json"]) == m
+    with pytest.raises(UserError, match="no file below it is listed"):
+        manifest.verify(folder, ["fp64/"])
 
 
 def test_the_dynamo_exporter_meets_the_same_parity_bars(tmp_path, micro_student, world_prompts):

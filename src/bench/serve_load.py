@@ -157,6 +157,8 @@ def summary(load: Load) -> dict:
 def scenario(name: str, server_args: list[str], bodies: list[dict], clients: int, duration_s: float,
              logs: Path, promote_b=None) -> dict:
     """One server, one load; memory read at ready, after a tenth of the load, and at the end."""
+    import httpx
+
     print(f"[{name}] {' '.join(server_args)}", file=sys.stderr)
     with server(server_args, logs / f"{name}.log") as (url, pid):
         wait_ready(url)
@@ -174,7 +176,7 @@ def scenario(name: str, server_args: list[str], bodies: list[dict], clients: int
 
         load = asyncio.run(drive(url, bodies, clients, duration_s, progress))
         mem["end"] = memory_mb(pid)
-        metrics = __import__("httpx").get(url + "/metrics").text
+        metrics = httpx.get(url + "/metrics").text
     out = summary(load) | {"clients": clients, "server_args": server_args,
                            "rss_mb": {k: v["VmRSS"] for k, v in mem.items()}, "peak_rss_mb": mem["end"]["VmHWM"]}
     out["mean_batch_images"] = round(metric_sum(metrics, "swiftbrush_batch_images_sum") /
