@@ -132,6 +132,9 @@ class DistillConfig(Section):
     clip_tau: float = Field(0.35, ge=-1.0, le=1.0, description="CLIP-loss clamp: no push above this cosine (v2: 0.35)")
     clip_schedule: Literal["constant", "linear_decay"] = Field(
         "linear_decay", description="CLIP-loss weight over the run (v2: decayed to 0)")
+    clip_decoder: Literal["vae", "tiny"] = Field(
+        "vae", description="what decodes x0 for the CLIP loss: vae (the teacher's) or tiny (the top-level "
+                           "tiny_decoder, TAESD format: SwiftBrush v2 decodes through TAESD here)")
     lora_updates: int = Field(1, ge=1, le=100, description="LoRA-teacher updates per student update (paper: 1)")
     p_uncond: float = Field(0.1, ge=0.0, le=1.0, description="LoRA-teacher prompt dropout (paper: 0.1)")
     reduction: Literal["mean", "sum_over_batch"] = Field("mean", description="VSD loss reduction (official: mean)")
@@ -192,6 +195,8 @@ class ExportConfig(Section):
     exporter: Literal["torchscript", "dynamo"] = Field(
         "torchscript", description="torch -> ONNX: torchscript (legacy tracer, deprecated by PyTorch) or dynamo "
                                    "(torch.export; measured in reports/bench/onnx_exporter.md)")
+    decoder: Literal["vae", "tiny"] = Field(
+        "vae", description="the artifact's decoder: vae (the teacher's) or tiny (the top-level tiny_decoder)")
     parity_prompts: int = Field(16, ge=1, le=4096, description="eval prompts used for the parity check")
     min_psnr_fp32: float = Field(40.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")
     min_psnr_fp16: float = Field(30.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")
@@ -235,12 +240,25 @@ class Config(Section):
 
     seed: int = Field(0, ge=0, le=2**31 - 1, description="root seed of every stage")
     lr: float = Field(1e-6, gt=0.0, le=1.0, description="student learning rate (distill; paper: 1e-6)")
+    tiny_decoder: str | None = Field(
+        None, description="a TAESD-format AutoencoderTiny folder for the teacher's latents (SD 1.x/2.x: "
+                          "madebyollin/taesd; the world's: models/tiny_decoder). Used where distill.clip_decoder "
+                          "or export.decoder say tiny; evaluate adds a student row decoded by it. null = none")
     world: WorldConfig = WorldConfig()
     prepare: PrepareConfig = PrepareConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _tiny_decoder_given(self) -> "Config":
+        users = [k for k, v in (("distill.clip_decoder", self.distill.clip_decoder),
+                                ("export.decoder", self.export.decoder)) if v == "tiny"]
+        if users and not self.tiny_decoder:
+            raise ValueError(f"{' and '.join(users)}: tiny needs the top-level tiny_decoder (a TAESD-format "
+                             "AutoencoderTiny folder; the world's: models/tiny_decoder)")
+        return self
 
     @model_validator(mode="after")
     def _guide_is_not_the_evaluator(self) -> "Config":

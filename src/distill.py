@@ -37,7 +37,7 @@ from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
 from .onestep import decode, generate, initial_noise, one_step_scheduler, student_timestep, student_x0
 from .prepare import derive_seed, read_prepared
-from .teacher import alphas_cumprod, encode_prompts, frozen_parts, load_pipeline
+from .teacher import alphas_cumprod, encode_prompts, frozen_parts, load_pipeline, load_tiny_decoder
 from .vsd import LoRALoss, VSDLoss, adapters
 
 
@@ -50,6 +50,7 @@ class Paths:
     checkpoints: Path = Path("checkpoints")
     student: Path = Path("models/student")
     reports: Path = Path("reports/distill")
+    tiny_decoder: Path | None = None      # the top-level tiny_decoder (distill.clip_decoder: tiny)
 
 
 class NonFiniteError(UserError):
@@ -89,10 +90,11 @@ def fingerprint(cfg: DistillConfig, lr: float, seed: int, inputs: str = "") -> s
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def inputs_digest(train_prompts: Path) -> str:
-    """SHA-256 of the method's source files and the training prompt file."""
+def inputs_digest(train_prompts: Path, tiny_decoder: Path | None = None) -> str:
+    """SHA-256 of the method's source files, the training prompt file and (if used) the tiny decoder's files."""
     h = hashlib.sha256()
-    for path in [Path(__file__).with_name(n) for n in METHOD_SOURCES] + [train_prompts]:
+    extra = sorted(p for p in tiny_decoder.rglob("*") if p.is_file()) if tiny_decoder else []
+    for path in [Path(__file__).with_name(n) for n in METHOD_SOURCES] + [train_prompts] + extra:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
@@ -142,6 +144,7 @@ class Run:
     vsd_loss: VSDLoss
     lora_loss: LoRALoss
     clip_loss: object
+    clip_decoder: torch.nn.Module         # decodes x0 for the CLIP loss: the teacher's VAE or a tiny decoder
     as_student: object                    # context: the student's weights active in `student`
     uncond: torch.Tensor                  # (1, 77, D) empty-prompt embedding
     abar: torch.Tensor
@@ -205,6 +208,11 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
         from .clip_loss import load_clip_loss
 
         clip_loss = load_clip_loss(cfg.clip_model, cfg.clip_tau, device)
+    clip_decoder = pipe.vae
+    if cfg.clip_decoder == "tiny":
+        if paths.tiny_decoder is None:
+            raise UserError("distill.clip_decoder: tiny needs the top-level tiny_decoder (a TAESD-format folder)")
+        clip_decoder = load_tiny_decoder(paths.tiny_decoder, pipe.vae, frozen).to(device)
     return Run(
         acc=acc, pipe=pipe, teacher=teacher, student=student, student_params=student_params, lora_params=lora_params,
         opt_student=torch.optim.Adam(student_params, lr=lr, **adam_options(cfg.adam_impl)),
@@ -213,9 +221,11 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
         vsd_loss=VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale,
                          SCORE),
         lora_loss=LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting, SCORE), clip_loss=clip_loss,
+        clip_decoder=clip_decoder,
         as_student=student_mode(cfg.student), uncond=uncond, abar=abar, t_student=t_student, prediction=prediction,
         frozen=frozen, shape=(student.config.in_channels, latent, latent), prompts=prompts, val_records=val_records,
-        fingerprint=fingerprint(cfg, lr, seed, inputs_digest(paths.train_prompts)))
+        fingerprint=fingerprint(cfg, lr, seed, inputs_digest(
+            paths.train_prompts, paths.tiny_decoder if cfg.clip_decoder == "tiny" else None)))
 
 
 def resume(run: Run, cfg: DistillConfig, paths: Paths) -> None:
@@ -281,8 +291,8 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
         loss_vsd, stats = run.vsd_loss(teacher, x0, cond, run.uncond, run.abar, gen)
         loss_student = loss_vsd
         w_clip = clip_weight(cfg.clip_weight, step, cfg.steps, cfg.clip_schedule) if run.clip_loss else 0.0
-        if w_clip > 0:      # v2: clamped CLIP loss on the decoded image, gradient through the frozen VAE
-            loss_c, cstats = run.clip_loss(decode(run.pipe.vae, x0.to(run.frozen)).float(),
+        if w_clip > 0:      # v2: clamped CLIP loss on the decoded image, gradient through the frozen decoder
+            loss_c, cstats = run.clip_loss(decode(run.clip_decoder, x0.to(run.frozen)).float(),
                                            run.clip_loss.text_features(batch_prompts))
             loss_student = loss_vsd + w_clip * loss_c
             stats.update(cstats)
@@ -603,10 +613,11 @@ def validate(pipe, student, records: list[dict], abar: torch.Tensor, timestep: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, _ = stage_config(__doc__, "distill", argv, top_level=("lr",))
+    config, _ = stage_config(__doc__, "distill", argv, top_level=("lr", "tiny_decoder"))
     if config is None:
         return
-    result = distill(config.distill, config.lr, config.seed)
+    tiny = Path(config.tiny_decoder) if config.tiny_decoder else None
+    result = distill(config.distill, config.lr, config.seed, Paths(tiny_decoder=tiny))
     if "final" in result:
         print(f"distill: {result['steps']} steps; one-step validation {json.dumps(result['final'])}")
 

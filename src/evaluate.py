@@ -19,6 +19,7 @@ reports/eval/grid.png.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ class Paths:
     student: Path = Path("models/student")
     images: Path = Path("eval_images")
     reports: Path = Path("reports/eval")
+    tiny_decoder: Path | None = None      # the top-level tiny_decoder: adds "student_1_tiny"
 
 
 Generator = Callable[[list[str], list[int]], np.ndarray]  # prompts, seeds -> uint8 (N, H, W, 3)
@@ -130,10 +132,12 @@ def image_batches(folder: Path, records: list[dict], batch_size: int):
 
 
 def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, batch_size: int,
-                    device: torch.device = torch.device("cpu")) -> dict[str, Generator]:
-    """The three generators of the comparison, on the same prompts and seeds."""
+                    device: torch.device = torch.device("cpu"),
+                    tiny_decoder: Path | None = None) -> dict[str, Generator]:
+    """The generators of the comparison, on the same prompts and seeds: the teacher in 1 and N steps, the
+    student, and (with a tiny decoder) the student decoded by it, as `export.decoder: tiny` ships it."""
     from .onestep import generate as one_step
-    from .teacher import alphas_cumprod, load_pipeline
+    from .teacher import alphas_cumprod, load_pipeline, load_tiny_decoder
 
     if not (student_dir / "model_index.json").is_file():
         raise UserError(f"{student_dir}: no student pipeline (run `dvc repro distill` first)")
@@ -155,11 +159,16 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
             return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
         return run
 
-    return {
+    gens = {
         "teacher_1": teacher_gen(1),
         f"teacher_{cfg.teacher_steps}": teacher_gen(cfg.teacher_steps),
         "student_1": lambda p, s: one_step(student, student.unet, p, s, abar, batch_size, device),
     }
+    if tiny_decoder is not None:
+        tiny = copy.copy(student)                       # the same modules, another decoder
+        tiny.vae = load_tiny_decoder(tiny_decoder, student.vae).to(device)
+        gens["student_1_tiny"] = lambda p, s: one_step(tiny, tiny.unet, p, s, abar, batch_size, device)
+    return gens
 
 
 def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> dict:
@@ -180,13 +189,14 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     prompts = [r["prompt"] for r in records]
 
     # ---- generate: same prompts and per-prompt seeds for every generator (split over processes)
-    generators = make_generators(cfg, teacher_dir, paths.student, cfg.batch_size, device)
+    generators = make_generators(cfg, teacher_dir, paths.student, cfg.batch_size, device, paths.tiny_decoder)
     prompts_digest = tree_digest(paths.eval_prompts, cfg.limit, cfg.mode)
     side = json.loads((paths.student / "unet" / "config.json").read_text())["sample_size"]   # the drawn size
     teacher_digest = (tree_digest(teacher_dir), side)
     made_by = {"teacher_1": (*teacher_digest, 1, cfg.guidance_scale, CONVENTION),
                f"teacher_{cfg.teacher_steps}": (*teacher_digest, cfg.teacher_steps, cfg.guidance_scale, CONVENTION),
-               "student_1": (tree_digest(paths.student), CONVENTION)}
+               "student_1": (tree_digest(paths.student), CONVENTION),
+               "student_1_tiny": (tree_digest(paths.student), tree_digest(paths.tiny_decoder), CONVENTION)}
     transform = center_crop_resize if cfg.mode == "coco" else None
     for name, gen in generators.items():
         fill_folder(paths.images / name, records, gen, cfg.batch_size, name,
@@ -297,10 +307,11 @@ def report(metrics: dict, n: int, cfg: EvaluateConfig, clip_name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, _ = stage_config(__doc__, "evaluate", argv)
+    config, _ = stage_config(__doc__, "evaluate", argv, top_level=("tiny_decoder",))
     if config is None:
         return
-    metrics = evaluate(config.evaluate, config.distill.teacher)
+    tiny = Path(config.tiny_decoder) if config.tiny_decoder else None
+    metrics = evaluate(config.evaluate, config.distill.teacher, Paths(tiny_decoder=tiny))
     for name, m in metrics.items():
         print(f"{name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in ("fid", "clip_score", "attribute_accuracy") if k in m))
 

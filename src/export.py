@@ -6,11 +6,13 @@ One graph per precision, the whole generator (DESIGN.md section 7):
 
     input_ids  int64   (batch, max_length)   token ids, padded (see tokenizer contract below)
     noise      float32 (batch, C, h, w)      initial latent, N(0, I); src/noise.py for seeds
-      -> text encoder -> student UNet at its timestep t_s -> x0 -> VAE decode ->
+      -> text encoder -> student UNet at its timestep t_s -> x0 -> decoder ->
     images     float32 (batch, 3, H, W)      in [0, 1]
 
 Inputs and outputs stay float32 in the fp16 graph too (only the inside is half precision),
-so `python -m src.infer` feeds both the same way. The folder also holds `tokenizer.json`
+so `python -m src.infer` feeds both the same way. The decoder is the teacher's VAE
+(`export.decoder: vae`) or a TAESD-format tiny decoder (`tiny`: the top-level `tiny_decoder`),
+several times cheaper (reports/bench/README.md) at the quality cost reports/eval/README.md shows. The folder also holds `tokenizer.json`
 and `onestep.json` (shapes, timestep, tokenizer ids), a model card, README.md, and, written
 last, `manifest.json`: the SHA-256 and size of every file and the artifact's version
 (src/manifest.py). Every reader (`src.infer`, `src.serve`, promotion) verifies it first.
@@ -41,7 +43,7 @@ from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
 from .noise import initial_noise
 from .onestep import decode, student_x0, timestep_of
-from .teacher import alphas_cumprod, load_pipeline
+from .teacher import alphas_cumprod, load_pipeline, load_tiny_decoder
 from .prepare import read_prepared
 
 TWO_GB = 2 * 1024**3
@@ -53,6 +55,7 @@ class Paths:
     out: Path = Path("models/onnx")
     reports: Path = Path("reports/export")
     eval_prompts: Path = Path("prompts/eval.jsonl")
+    tiny_decoder: Path | None = None      # the top-level tiny_decoder (export.decoder: tiny)
 
 
 class OneStepGraph(torch.nn.Module):
@@ -82,6 +85,7 @@ def contract(pipe) -> dict:
         "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
         "latent_shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size],
         "timestep": timestep_of(pipe),
+        "decoder": type(pipe.vae).__name__,
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
         "noise": "sample i: numpy.random.default_rng(seed_i).standard_normal(latent_shape, dtype=float32)",
     }
@@ -287,6 +291,10 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
     if not (paths.student / "model_index.json").is_file():
         raise UserError(f"{paths.student}: no student pipeline (run `dvc repro distill` first)")
     pipe = load_pipeline(str(paths.student))
+    if cfg.decoder == "tiny":
+        if paths.tiny_decoder is None:
+            raise UserError("export.decoder: tiny needs the top-level tiny_decoder (a TAESD-format folder)")
+        pipe.vae = load_tiny_decoder(paths.tiny_decoder, pipe.vae)
     records = read_prepared(paths.eval_prompts, cfg.parity_prompts) if paths.eval_prompts.is_file() else []
     prompts = [r["prompt"] for r in records] or ["a photo of a cat"]
     seeds = [int(r["seed"]) for r in records] or [0]
@@ -348,14 +356,14 @@ A text-to-image generator distilled from a Stable-Diffusion-style teacher with S
 | `images` | float32 | (batch, 3, H, W) | RGB in [0, 1] |
 
 Inside: text encoder -> student UNet at t = {c['timestep']} ({c['prediction_type']} prediction) -> clean
-latent x0 -> VAE decode. No guidance at inference (the student learned the guided teacher).
+latent x0 -> {'the tiny decoder (TAESD format)' if c['decoder'] == 'AutoencoderTiny' else 'VAE'} decode. No guidance at inference (the student learned the guided teacher).
 Neither graph uses ONNX Runtime's fused Stable Diffusion operators, so both run on the CPU
 provider as well as CUDA (fp16 is meant for GPUs; on CPU ONNX Runtime runs its half ops through casts).
 
 ## How it was made
 
 `python -m src.export` from the diffusers pipeline in `{student}` ({json.dumps(made) if made else 'student pipeline'});
-ONNX opset {cfg.opset}, {cfg.exporter} exporter; fp16 by ONNX Runtime's float16 converter with float32 I/O.
+decoder {c['decoder']}; ONNX opset {cfg.opset}, {cfg.exporter} exporter; fp16 by ONNX Runtime's float16 converter with float32 I/O.
 
 Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their seeds (images in [0, 1]):
 
@@ -372,10 +380,10 @@ Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their 
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, _ = stage_config(__doc__, "export", argv)
+    config, _ = stage_config(__doc__, "export", argv, top_level=("tiny_decoder",))
     if config is None:
         return
-    m = export(config.export)
+    m = export(config.export, Paths(tiny_decoder=Path(config.tiny_decoder) if config.tiny_decoder else None))
     print(f"export: fp32 {m['psnr_fp32']:.1f} dB (max err {m['max_abs_err_fp32']:.1e}), "
           f"fp16 {m['psnr_fp16']:.1f} dB (max err {m['max_abs_err_fp16']:.1e}); models/onnx written "
           f"(version {m['version']})")

@@ -63,6 +63,33 @@ def frozen_parts(teacher: str, dtype: torch.dtype, local_only: bool = True):
             AutoencoderKL.from_pretrained(teacher, subfolder="vae", torch_dtype=dtype, local_files_only=local_only))
 
 
+def load_tiny_decoder(path: str | Path, vae, dtype: torch.dtype = torch.float32):
+    """A TAESD-format decoder (diffusers AutoencoderTiny folder) checked against the teacher's `vae`: the same
+    latent channels and upsampling factor. It decodes the scaled latents the UNet works in (scaling_factor 1),
+    so `onestep.decode` treats it exactly as the full VAE."""
+    from diffusers import AutoencoderTiny
+
+    folder = Path(path)
+    hint = ("build the world's with `python -m src.world.build --only-tiny-decoder`, or point tiny_decoder at a "
+            "TAESD folder for your teacher's VAE (SD 1.x/2.x: madebyollin/taesd)")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"tiny_decoder {folder}: not an AutoencoderTiny folder (no config.json); {hint}")
+    spec = read_json(folder / "config.json", "the tiny decoder folder is damaged")
+    if spec.get("_class_name") != "AutoencoderTiny":
+        raise UserError(f"tiny_decoder {folder}: config.json describes {spec.get('_class_name')!r}, expected "
+                        f"'AutoencoderTiny' (TAESD format); {hint}")
+    try:
+        tiny = AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise UserError(f"tiny_decoder {folder}: cannot load it ({err}); {hint}") from None
+    factor = tiny.config.upsampling_scaling_factor ** (len(tiny.config.decoder_block_out_channels) - 1)
+    want = 2 ** (len(vae.config.block_out_channels) - 1)
+    if tiny.config.latent_channels != vae.config.latent_channels or factor != want:
+        raise UserError(f"tiny_decoder {folder}: decodes {tiny.config.latent_channels}-channel latents {factor}x up; "
+                        f"the teacher's VAE has {vae.config.latent_channels} channels, {want}x ({hint})")
+    return tiny.eval().requires_grad_(False)
+
+
 def alphas_cumprod(pipe) -> torch.Tensor:
     """The teacher's cumulative alphas, from its own scheduler config (never a pasted constant)."""
     from diffusers import DDPMScheduler

@@ -15,16 +15,20 @@ from src.metrics import world_fid
 from src.world import render, sample_scene
 
 
-def test_evaluate_writes_the_three_generator_table_and_resumes(tmp_path, micro_models, world_prompts, micro_student):
+def test_evaluate_writes_the_generator_table_and_resumes(tmp_path, micro_models, world_prompts, micro_student):
     models, _ = micro_models
     cfg = EvaluateConfig(evaluator=str(models / "evaluator"), teacher_steps=2, batch_size=3, grid_rows=3)
     paths = Paths(eval_prompts=world_prompts / "eval.jsonl", student=micro_student, images=tmp_path / "img",
-                  reports=tmp_path / "rep")
+                  reports=tmp_path / "rep", tiny_decoder=models / "tiny_decoder")
     metrics = evaluate(cfg, str(models / "teacher"), paths)
-    assert set(metrics) == {"teacher_1", "teacher_2", "student_1", "ground_truth"}
-    for name in ("teacher_1", "teacher_2", "student_1"):
+    assert set(metrics) == {"teacher_1", "teacher_2", "student_1", "student_1_tiny", "ground_truth"}
+    for name in ("teacher_1", "teacher_2", "student_1", "student_1_tiny"):
         assert {"fid", "clip_score", "attribute_accuracy", "attribute_accuracy_shape"} <= set(metrics[name])
         assert len(list((paths.images / name).glob("*.png"))) == 8
+    # the same student, another decoder: other pixels from the same latents
+    first = [np.asarray(Image.open(paths.images / n / "000000.png")) for n in ("student_1", "student_1_tiny")]
+    assert first[0].shape == first[1].shape and not np.array_equal(*first)
+    assert "| student_1_tiny |" in (paths.reports / "README.md").read_text()
     assert metrics["ground_truth"]["attribute_accuracy"] == 1.0
     on_disk = json.loads((paths.reports / "metrics.json").read_text())
     assert on_disk["student_1"]["fid"] == pytest.approx(metrics["student_1"]["fid"])

@@ -44,34 +44,79 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}"
 
 
-def bench_inference(student: Path, onnx_dir: Path, teacher: str, prompts: list[str], batches: tuple[int, ...],
-                    repeats: int, teacher_steps: int = 25, guidance: float = 4.5) -> dict:
-    """Latency (s per batch) and images/s of: ONNX fp32/fp16, PyTorch student, teacher N steps + CFG."""
+def tiny_artifact(student: Path, tiny_decoder: Path, out: Path) -> Path:
+    """The student exported with the tiny decoder (export.decoder: tiny) into `out`, parity-checked as the stage
+    does; the returned folder is what `python -m src.export --set export.decoder=tiny` would write."""
+    from ..export import Paths, export
+
+    cfg = load_config().export.model_copy(update={"decoder": "tiny"})
+    export(cfg, Paths(student=student, out=out / "onnx", reports=out / "reports", tiny_decoder=tiny_decoder))
+    return out / "onnx"
+
+
+def bench_inference(student: Path, artifacts: dict[str, Path], teacher: str, prompts: list[str],
+                    batches: tuple[int, ...], repeats: int, teacher_steps: int = 25, guidance: float = 4.5,
+                    tiny_decoder: Path | None = None) -> dict:
+    """Latency (s per batch) and images/s of: each ONNX artifact (`artifacts`: decoder name -> folder) in fp32
+    and fp16, the PyTorch student with each decoder, the teacher N steps + CFG (PyTorch)."""
+    import copy
+
     from ..infer import generate as ort_generate
     from ..infer import load_artifact
     from ..onestep import generate as torch_generate
-    from ..teacher import alphas_cumprod, load_pipeline
+    from ..teacher import alphas_cumprod, load_pipeline, load_tiny_decoder
 
     student_pipe, teacher_pipe = load_pipeline(str(student)), load_pipeline(teacher)
+    pipes = {"vae": student_pipe}
+    if tiny_decoder is not None:
+        pipes["tiny"] = copy.copy(student_pipe)
+        pipes["tiny"].vae = load_tiny_decoder(tiny_decoder, student_pipe.vae)
     abar = alphas_cumprod(student_pipe)
-    arts = {p: load_artifact(onnx_dir, p, "auto") for p in ("fp32", "fp16")}
+    arts = {(d, p): load_artifact(folder, p, "auto") for d, folder in artifacts.items() for p in ("fp32", "fp16")}
     rows: dict[str, dict] = {}
     for b in batches:
         ps, seeds = (prompts * b)[:b], list(range(b))
-        runs = {
-            f"onnx_fp32_b{b}": lambda: list(ort_generate(arts["fp32"], ps, seeds, b)),
-            f"onnx_fp16_b{b}": lambda: list(ort_generate(arts["fp16"], ps, seeds, b)),
-            f"torch_student_b{b}": lambda: torch_generate(student_pipe, student_pipe.unet, ps, seeds, abar, b),
-            f"teacher_{teacher_steps}_b{b}": lambda: teacher_pipe(
-                ps, num_inference_steps=teacher_steps, guidance_scale=guidance, output_type="np",
-                generator=[torch.Generator().manual_seed(s) for s in seeds]),
-        }
+        runs = {f"onnx_{p}{suffix(d)}_b{b}": (lambda a=a: list(ort_generate(a, ps, seeds, b)))
+                for (d, p), a in arts.items()}
+        runs |= {f"torch_student{suffix(d)}_b{b}": (lambda pipe=pipe: torch_generate(pipe, pipe.unet, ps, seeds, abar, b))
+                 for d, pipe in pipes.items()}
+        runs[f"teacher_{teacher_steps}_b{b}"] = lambda: teacher_pipe(
+            ps, num_inference_steps=teacher_steps, guidance_scale=guidance, output_type="np",
+            generator=[torch.Generator().manual_seed(s) for s in seeds])
         for name, fn in runs.items():
             with torch.inference_mode():
                 t = timed(fn, repeats if "teacher" not in name else max(1, repeats // 2))
             rows[name] = {"batch": b, "latency_s": round(t, 5), "images_per_s": round(b / t, 2)}
-    rows["provider"] = arts["fp32"].provider
+    rows["provider"] = arts["vae", "fp32"].provider
     return rows
+
+
+def suffix(decoder: str) -> str:
+    return "" if decoder == "vae" else f"_{decoder}"
+
+
+def headlines(inf: dict, big: int, teacher_steps: int) -> dict:
+    """The benchmark's ratios. Like for like: PyTorch against PyTorch, and ONNX Runtime against PyTorch for the
+    same graph and decoder. `speedup_one_step_vs_teacher_25` is the best one-step artifact (any precision and
+    decoder, ONNX Runtime) against the teacher's N steps in PyTorch."""
+    teacher = f"teacher_{teacher_steps}"
+    ips = {k.rsplit("_b", 1)[0]: v["images_per_s"] for k, v in inf.items() if isinstance(v, dict) and v["batch"] == big}
+    lat1 = {k.rsplit("_b", 1)[0]: v["latency_s"] for k, v in inf.items() if isinstance(v, dict) and v["batch"] == 1}
+    onnx = {k: v for k, v in ips.items() if k.startswith("onnx_")}
+    best = max(onnx, key=onnx.get)
+    out = {"speedup_one_step_vs_teacher_25": ips[best] / ips[teacher], "best_one_step_artifact": best,
+           "speedup_one_step_vs_teacher_25_b1": lat1[teacher] / min(v for k, v in lat1.items() if k.startswith("onnx_")),
+           "ort_vs_torch_speedup": ips["onnx_fp32"] / ips["torch_student"],
+           "ort_vs_torch_speedup_b1": lat1["torch_student"] / lat1["onnx_fp32"]}
+    for d in ("", "_tiny"):
+        if f"torch_student{d}" in ips:
+            out[f"speedup_torch_student{d}_vs_torch_teacher_25"] = ips[f"torch_student{d}"] / ips[teacher]
+        if f"onnx_fp32{d}" in ips:
+            out[f"speedup_onnx_fp32{d}_vs_torch_teacher_25"] = ips[f"onnx_fp32{d}"] / ips[teacher]
+    if "onnx_fp32_tiny" in ips and "torch_student_tiny" in ips:
+        out["ort_vs_torch_speedup_tiny"] = ips["onnx_fp32_tiny"] / ips["torch_student_tiny"]
+        out["ort_vs_torch_speedup_tiny_b1"] = lat1["torch_student_tiny"] / lat1["onnx_fp32_tiny"]
+    return out
 
 
 def bench_ort_options(onnx_dir: Path, prompts: list[str], batch: int, repeats: int) -> dict:
@@ -113,12 +158,27 @@ def report(b: dict, big: int) -> str:
         if isinstance(row, dict):
             lines.append(f"| {name.rsplit('_b', 1)[0]} | {row['batch']} | {row['latency_s']:.4f} | "
                          f"{row['images_per_s']:.1f} |")
-    lines += ["", "| headline | value |", "|---|---|",
-              f"| one-step (ONNX fp32) vs teacher 25 steps + CFG, images/s at batch {big} | "
-              f"**{b['speedup_one_step_vs_teacher_25']:.0f}x** |",
-              f"| same at batch 1 (latency) | {b['speedup_one_step_vs_teacher_25_b1']:.0f}x |",
-              f"| ONNX Runtime fp32 vs PyTorch student, batch {big} | {b['ort_vs_torch_speedup']:.2f}x |",
-              f"| ONNX Runtime fp32 vs PyTorch student, batch 1 | {b['ort_vs_torch_speedup_b1']:.2f}x |",
+    lines += ["", f"Ratios of images/s at batch {big} (batch 1: of latency). PyTorch is compared with PyTorch, and "
+              "ONNX Runtime with PyTorch for the same graph and decoder; `tiny` is the student decoded by the "
+              "tiny decoder (`export.decoder: tiny`; its quality cost: reports/eval/README.md).", "",
+              "| headline | value |", "|---|---|",
+              f"| best one-step artifact ({b['best_one_step_artifact']}, ONNX Runtime) vs teacher 25 steps + CFG "
+              f"(PyTorch), batch {big} | **{b['speedup_one_step_vs_teacher_25']:.0f}x** |",
+              f"| same at batch 1 (latency) | {b['speedup_one_step_vs_teacher_25_b1']:.0f}x |"]
+    for d, what in (("", "VAE"), ("_tiny", "tiny decoder")):
+        if f"speedup_torch_student{d}_vs_torch_teacher_25" in b:
+            lines.append(f"| PyTorch student ({what}) vs PyTorch teacher 25 steps + CFG, batch {big} | "
+                         f"{b[f'speedup_torch_student{d}_vs_torch_teacher_25']:.1f}x |")
+        if f"speedup_onnx_fp32{d}_vs_torch_teacher_25" in b:
+            lines.append(f"| ONNX Runtime fp32 ({what}) vs PyTorch teacher 25 steps + CFG, batch {big} | "
+                         f"{b[f'speedup_onnx_fp32{d}_vs_torch_teacher_25']:.1f}x |")
+    lines += [f"| ONNX Runtime fp32 vs PyTorch student, VAE, batch {big} | **{b['ort_vs_torch_speedup']:.2f}x** |",
+              f"| same at batch 1 | {b['ort_vs_torch_speedup_b1']:.2f}x |"]
+    if "ort_vs_torch_speedup_tiny" in b:
+        lines += [f"| ONNX Runtime fp32 vs PyTorch student, tiny decoder, batch {big} | "
+                  f"**{b['ort_vs_torch_speedup_tiny']:.2f}x** |",
+                  f"| same at batch 1 | {b['ort_vs_torch_speedup_tiny_b1']:.2f}x |"]
+    lines += [
               f"| distillation steps/s (batch {b['distill_batch_size']}) | {b['distill_steps_per_s']:.2f} |",
               f"| distillation samples/s | {b['distill_samples_per_s']:.1f} |",
               f"| distillation peak memory (MB) | {b['distill_peak_memory_mb']:.0f} |", "",
@@ -144,16 +204,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config()
     prompts = [r["prompt"] for r in read_prepared(Path("prompts/eval.jsonl"), 64)]
     repeats = 3 if args.quick else 10
-    inf = bench_inference(Path("models/student"), Path("models/onnx"), cfg.distill.teacher, prompts,
-                          (1, args.batch), repeats, cfg.evaluate.teacher_steps, cfg.evaluate.guidance_scale)
-    big, t = args.batch, cfg.evaluate.teacher_steps
+    tiny = Path(cfg.tiny_decoder) if cfg.tiny_decoder else None
+    big = args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"vae": Path("models/onnx")}
+        if tiny is not None:
+            artifacts["tiny"] = tiny_artifact(Path("models/student"), tiny, Path(tmp))
+        inf = bench_inference(Path("models/student"), artifacts, cfg.distill.teacher, prompts, (1, big), repeats,
+                              cfg.evaluate.teacher_steps, cfg.evaluate.guidance_scale, tiny)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "inference": inf,
-              "speedup_one_step_vs_teacher_25": inf[f"onnx_fp32_b{big}"]["images_per_s"]
-              / inf[f"teacher_{t}_b{big}"]["images_per_s"],
-              "speedup_one_step_vs_teacher_25_b1": inf[f"teacher_{t}_b1"]["latency_s"] / inf["onnx_fp32_b1"]["latency_s"],
-              "ort_vs_torch_speedup": inf[f"onnx_fp32_b{big}"]["images_per_s"]
-              / inf[f"torch_student_b{big}"]["images_per_s"],
-              "ort_vs_torch_speedup_b1": inf["torch_student_b1"]["latency_s"] / inf["onnx_fp32_b1"]["latency_s"],
+              **headlines(inf, big, cfg.evaluate.teacher_steps),
               "ort_options": bench_ort_options(Path("models/onnx"), prompts, big, repeats),
               **bench_distill(20 if args.quick else 60)}
     write_json(args.out / "bench.json", result)

@@ -10,6 +10,8 @@ Writes, each atomically:
   models/evaluator/  a separate tiny CLIPModel + CLIPProcessor (CLIP score and FID features);
   models/guide/      a third CLIP (own seed), for distill's optional SwiftBrush-v2 CLIP loss: training
                      never sees the evaluator;
+  models/tiny_decoder/  a TAESD-format AutoencoderTiny distilled from the VAE (src/world/tiny_decoder.py),
+                     for distill.clip_decoder / export.decoder: tiny;
   models/build.json  the build record: command, seeds, steps, wall times, measured numbers.
 
 Order and why: (1) a CLIP trained contrastively on scenes gives the teacher a pretrained,
@@ -41,6 +43,7 @@ from ..fileio import atomic_dir, write_json
 from .judge import read_scene, score
 from .render import render
 from .scene import Scene, caption, sample_scene
+from .tiny_decoder import TinySpec, check_tiny, save_tiny, train_tiny
 
 # Stable Diffusion's training noise schedule (scaled-linear betas, 1000 steps).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -86,6 +89,7 @@ class BuildConfig:
     p_uncond: float = 0.1           # caption dropout, so classifier-free guidance works
     val_every: int = 1000           # UNet steps between quick validations (judge accuracy, 10 DDIM steps)
     val_prompts: int = 64
+    tiny: TinySpec = TinySpec()     # the tiny decoder distilled from the VAE
     threads: int = 2
 
 
@@ -97,6 +101,7 @@ MICRO = BuildConfig(
     guide=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16, seed=2),
     vae_channels=(8, 16, 16), vae_steps=3, vae_batch=8,
     unet_channels=(32, 32, 32), unet_steps=3, unet_batch=8, val_every=3, val_prompts=4,
+    tiny=TinySpec(channels=8, steps=3, batch=8),
 )
 SCALES = {"full": FULL, "micro": MICRO}
 
@@ -411,6 +416,30 @@ def build_guide(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
     return record
 
 
+def build_tiny_decoder(cfg: BuildConfig, out_dir: Path) -> dict:
+    """Only the tiny decoder, distilled from out_dir/teacher/vae on the build's scenes; added to build.json."""
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(cfg.threads)
+    vae_dir = out_dir / "teacher" / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise UserError(f"--only-tiny-decoder: no VAE at {vae_dir} (build the world first, or give --out)")
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
+    path = out_dir / "build.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"config": asdict(cfg), "wall_s": {}, "metrics": {}}
+    record["config"]["tiny"] = asdict(cfg.tiny)
+    clock = time.perf_counter()
+    data = render_scenes(cfg.n_scenes, cfg.resolution, cfg.seed, cfg.p_size_named)
+    held = render_scenes(cfg.n_heldout, cfg.resolution, cfg.seed + 1000, cfg.p_size_named)
+    tiny = train_tiny(cfg.tiny, vae, data)
+    record["metrics"].update(check_tiny(tiny, vae, held))
+    save_tiny(out_dir / "tiny_decoder", tiny)
+    record["wall_s"]["tiny_decoder"] = round(time.perf_counter() - clock, 1)
+    record["tiny_decoder_command"] = " ".join(["python -m src.world.build", *sys.argv[1:]])
+    write_json(path, record)
+    return record
+
+
 def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
     """Run the whole build; return the build record (also written to out_dir/build.json)."""
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -464,7 +493,12 @@ def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
     unet = train_unet(cfg, latents, data, text_encoder, tokenizer, vae, val, record["unet_curve"])
     lap("unet")
 
+    tiny = train_tiny(cfg.tiny, vae, data)
+    record["metrics"].update(check_tiny(tiny, vae, held))
+    lap("tiny_decoder")
+
     save_teacher(out_dir / "teacher", tokenizer, text_encoder, vae, unet, tokenizer_dir)
+    save_tiny(out_dir / "tiny_decoder", tiny)
     save_evaluator(out_dir / "evaluator", evaluator, tokenizer, cfg.resolution)
     save_evaluator(out_dir / "guide", guide, tokenizer, cfg.resolution)
     record["wall_s"]["total"] = round(sum(record["wall_s"].values()), 1)
@@ -483,10 +517,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved build config and exit")
     parser.add_argument("--only-guide", action="store_true",
                         help="build only models/guide (the CLIP of distill's optional CLIP loss) next to existing models")
+    parser.add_argument("--only-tiny-decoder", action="store_true",
+                        help="build only models/tiny_decoder (TAESD format) from the existing models/teacher/vae")
     args = parser.parse_args(argv)
     cfg = apply_build_overrides(SCALES[args.scale], args.overrides)
     if args.dry_run:
         print(json.dumps(asdict(cfg), indent=2))
+        return
+    if args.only_tiny_decoder:
+        m = build_tiny_decoder(cfg, args.out)["metrics"]
+        print(f"wrote {args.out}/tiny_decoder: {m['tiny_psnr_vs_vae']:.1f} dB against the VAE's decodes, judge "
+              f"accuracy {m['tiny_judge_accuracy']:.3f} (VAE {m['vae_judge_accuracy']:.3f})")
         return
     if args.only_guide:
         record = build_guide(cfg, args.out, args.tokenizer)
