@@ -144,6 +144,10 @@ class DistillConfig(Section):
                                                 "the k-th update uses min(ema_decay, k / (9 + k))")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision (GPU)")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory (SD 2.1 at 512 px)")
+    compile: Literal["off", "auto", "default", "max-autotune"] = Field(
+        "off", description="torch.compile the student and teacher UNets: auto = max-autotune on a GPU, default on "
+                           "CPU (inductor; needs a C++ compiler, else the step runs eagerly with a warning). "
+                           "Measured: reports/bench/step_profile.md")
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept")
     log_every: int = Field(10, ge=1, description="steps between DVCLive metric rows")
@@ -191,12 +195,15 @@ class EvaluateConfig(Section):
 class ExportConfig(Section):
     """The export stage (DESIGN.md section 7): ONNX fp32 + fp16 and their parity with PyTorch."""
 
-    opset: int = Field(17, ge=14, le=23, description="ONNX opset (the dynamo exporter needs >= 18)")
+    opset: int = Field(18, ge=14, le=23, description="ONNX opset (the dynamo exporter needs >= 18)")
     exporter: Literal["torchscript", "dynamo"] = Field(
-        "torchscript", description="torch -> ONNX: torchscript (legacy tracer, deprecated by PyTorch) or dynamo "
-                                   "(torch.export; measured in reports/bench/onnx_exporter.md)")
+        "dynamo", description="torch -> ONNX: dynamo (torch.export) or torchscript (the legacy tracer, deprecated "
+                              "by PyTorch: it warns on every export); reports/bench/onnx_exporter*.md")
     decoder: Literal["vae", "tiny"] = Field(
         "vae", description="the artifact's decoder: vae (the teacher's) or tiny (the top-level tiny_decoder)")
+    fuse: Literal["none", "cuda"] = Field(
+        "none", description="cuda: the fp16 graph gets ONNX Runtime's Stable Diffusion fusions (GroupNorm, NhwcConv, "
+                            "SkipLayerNorm, ...: CUDA-only kernels), parity-checked on a GPU; none: the portable graph")
     parity_prompts: int = Field(16, ge=1, le=4096, description="eval prompts used for the parity check")
     min_psnr_fp32: float = Field(40.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")
     min_psnr_fp16: float = Field(30.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")

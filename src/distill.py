@@ -202,6 +202,10 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         teacher.enable_gradient_checkpointing()
+    mode = compile_mode(cfg.compile, device)
+    if mode is not None:
+        for unet in {id(m): m for m in (student, teacher)}.values():    # one UNet when the student is a LoRA
+            unet.compile(mode=mode, dynamic=False)                      # in place: parameter names unchanged
     clip_loss = None
     uncond = encode_prompts(pipe, [""], device).float()
     if cfg.clip_model is not None:
@@ -265,6 +269,30 @@ def resume(run: Run, cfg: DistillConfig, paths: Paths) -> None:
         run.ema.to(acc.device)
 
 
+def compile_mode(setting: str, device: torch.device) -> str | None:
+    """The torch.compile mode for distill.compile, or None (eager). On CPU, inductor writes C++: without a
+    compiler the run stays eager, with a warning, instead of failing at the first step."""
+    if setting == "off":
+        return None
+    if device.type == "cpu":
+        import os
+        import shutil
+        import warnings
+
+        if shutil.which(os.environ.get("CXX", "g++")) is None:
+            warnings.warn("distill.compile: no C++ compiler (g++, or $CXX) for torch.compile's CPU backend; "
+                          "training runs eagerly", stacklevel=2)
+            return None
+    if setting == "auto":
+        return "max-autotune" if device.type == "cuda" else "default"
+    return setting
+
+
+def phase(name: str):
+    """A labelled range of the step for torch.profiler (`python -m src.bench.step_profile`); ~free otherwise."""
+    return torch.profiler.record_function(f"step: {name}")
+
+
 @dataclass
 class StepResult:
     loss_vsd: torch.Tensor
@@ -282,39 +310,45 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
     """One SwiftBrush step (DESIGN.md section 5): the student's x0, its VSD update (+ v2's CLIP loss), then the
     LoRA teacher's update(s) on the detached x0."""
     acc, student, teacher = run.acc, run.student, run.teacher
-    cond = encode_prompts(run.pipe, batch_prompts, acc.device).float()                 # (B, 77, D)
+    with phase("text encoder"):
+        cond = encode_prompts(run.pipe, batch_prompts, acc.device).float()             # (B, 77, D)
 
     # 1-2. student update: VSD gradient through x0 = f(student(z, t_s, c))
     with acc.autocast():
-        with run.as_student(student):
+        with phase("student forward"), run.as_student(student):
             x0 = student_x0(student, z, cond, run.abar, run.prediction, run.t_student)  # (B, 4, h, w)
-        loss_vsd, stats = run.vsd_loss(teacher, x0, cond, run.uncond, run.abar, gen)
+        with phase("VSD scores (teacher, LoRA teacher)"):
+            loss_vsd, stats = run.vsd_loss(teacher, x0, cond, run.uncond, run.abar, gen)
         loss_student = loss_vsd
         w_clip = clip_weight(cfg.clip_weight, step, cfg.steps, cfg.clip_schedule) if run.clip_loss else 0.0
         if w_clip > 0:      # v2: clamped CLIP loss on the decoded image, gradient through the frozen decoder
-            loss_c, cstats = run.clip_loss(decode(run.clip_decoder, x0.to(run.frozen)).float(),
-                                           run.clip_loss.text_features(batch_prompts))
+            with phase(f"CLIP loss forward ({cfg.clip_decoder} decode + CLIP)"):
+                loss_c, cstats = run.clip_loss(decode(run.clip_decoder, x0.to(run.frozen)).float(),
+                                               run.clip_loss.text_features(batch_prompts))
             loss_student = loss_vsd + w_clip * loss_c
             stats.update(cstats)
-    with run.as_student(student):      # checkpointed blocks recompute under the adapter their forward ran with
+    with phase("student backward"), run.as_student(student):  # checkpointed blocks recompute under their adapter
         acc.backward(loss_student)
-    gnorm_s = acc.clip_grad_norm_(run.student_params, cfg.grad_clip)
-    ok_s = _finite(loss_student, gnorm_s)
-    _step_or_skip(run.opt_student, ok_s)
+    with phase("student clip + Adam"):
+        gnorm_s = acc.clip_grad_norm_(run.student_params, cfg.grad_clip)
+        ok_s = _finite(loss_student, gnorm_s)
+        _step_or_skip(run.opt_student, ok_s)
 
     # 3. LoRA-teacher update(s) on the detached student samples (fresh t and noise each)
     ok_l = True
     for _ in range(cfg.lora_updates):
-        with acc.autocast():
+        with phase("LoRA teacher forward"), acc.autocast():
             loss_lora, _ = run.lora_loss(teacher, x0.detach(), cond, run.uncond, run.abar, gen)
-        with adapters(teacher, enabled=True, name=SCORE):
+        with phase("LoRA teacher backward"), adapters(teacher, enabled=True, name=SCORE):
             acc.backward(loss_lora)
-        gnorm_l = acc.clip_grad_norm_(run.lora_params, cfg.grad_clip)
-        ok = _finite(loss_lora, gnorm_l)
-        _step_or_skip(run.opt_lora, ok)
+        with phase("LoRA teacher clip + Adam"):
+            gnorm_l = acc.clip_grad_norm_(run.lora_params, cfg.grad_clip)
+            ok = _finite(loss_lora, gnorm_l)
+            _step_or_skip(run.opt_lora, ok)
         ok_l = ok_l and ok
     if run.ema is not None and ok_s:
-        run.ema.step(run.student_params)
+        with phase("EMA"):
+            run.ema.step(run.student_params)
     return StepResult(loss_vsd, loss_lora, float(gnorm_s), float(gnorm_l), ok_s, ok_l, stats, w_clip)
 
 

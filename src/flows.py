@@ -33,7 +33,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+try:
+    from prefect import flow, get_run_logger, task
+except ImportError:                 # the pipeline's install leaves Prefect out
+    raise SystemExit("python -m src.flows: prefect is not installed; install the flows extra: "
+                     "pip install -e '.[flows]'") from None
 
 from . import manifest
 from .errors import UserError, run_cli

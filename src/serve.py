@@ -38,9 +38,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+except ImportError as err:          # the pipeline's install leaves the service's packages out
+    raise SystemExit(f"python -m src.serve: {err.name} is not installed; install the serve extra: "
+                     "pip install -e '.[serve]'") from None
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from .config import DEFAULT_PARAMS, ServeConfig, add_config_args, apply_overrides, config_from_dict, load_config
@@ -259,7 +264,7 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             out = await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: art.session.run(["images"], {"input_ids": ids, "noise": noise})[0])
+                self.pool, lambda: art.run(ids, noise))
         except Exception as err:                               # a runtime failure: every job of the batch fails
             log.exception("ONNX Runtime call failed")
             for j in batch:
@@ -283,7 +288,7 @@ def load_model(folder: Path, precision: str, provider: str, threads: int) -> Art
     """Verify, load and warm up an artifact (a first call allocates what later calls reuse)."""
     art = load_artifact(folder, precision, provider, threads=threads)
     ids, _ = tokenize(art.tokenizer, art.contract, ["warm-up"])
-    art.session.run(["images"], {"input_ids": ids, "noise": initial_noise([0], tuple(art.contract["latent_shape"]))})
+    art.run(ids, initial_noise([0], tuple(art.contract["latent_shape"])))
     return art
 
 

@@ -91,7 +91,8 @@ def micro_student(tmp_path_factory, micro_models, world_prompts) -> Path:
 
 @pytest.fixture(scope="session")
 def micro_onnx(tmp_path_factory, micro_student, world_prompts):
-    """The micro student exported (fp32 + fp16 + manifest): (folder, export metrics)."""
+    """The micro student exported as the stage does by default (dynamo exporter; fp32 + fp16 + manifest):
+    (folder, export metrics)."""
     from src.config import ExportConfig
     from src.export import Paths, export
 
@@ -120,6 +121,6 @@ def micro_onnx_b(tmp_path_factory, micro_student, world_prompts) -> Path:
     with torch.no_grad():
         unet.conv_out.bias += 0.5
     unet.save_pretrained(student / "unet")
-    export(ExportConfig(parity_prompts=1), Paths(student=student, out=root / "onnx", reports=root / "rep",
+    export(ExportConfig(parity_prompts=1, exporter="torchscript", opset=17), Paths(student=student, out=root / "onnx", reports=root / "rep",
                                                  eval_prompts=world_prompts / "eval.jsonl"))
     return root / "onnx"

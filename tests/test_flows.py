@@ -17,13 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
     "seed": 0, "lr": 1.0e-4,
+    "tiny_decoder": "models/tiny_decoder",
     "world": {"resolution": 32},
     "prepare": {"tokenizer": "models/teacher/tokenizer", "train": {"source": "world", "limit": 32},
                 "eval": {"source": "world", "limit": 6}},
     "distill": {"teacher": "models/teacher", "steps": 2, "batch_size": 2, "lora_rank": 4, "lora_alpha": 8,
                 "val_every": 100, "val_prompts": 2, "checkpoint_every": 1, "log_every": 1},
     "evaluate": {"evaluator": "models/evaluator", "teacher_steps": 2, "batch_size": 8, "grid_rows": 2},
-    "export": {"parity_prompts": 2},
+    "export": {"parity_prompts": 2, "exporter": "torchscript", "opset": 17},   # the flows are the subject
 }
 
 
@@ -51,6 +52,7 @@ def workspace(tmp_path_factory, micro_models, harness):
     shutil.copytree(models / "teacher", ws / "models" / "teacher")
     shutil.copytree(models / "evaluator", ws / "models" / "evaluator")
     shutil.copytree(models / "guide", ws / "models" / "guide")
+    shutil.copytree(models / "tiny_decoder", ws / "models" / "tiny_decoder")
     (ws / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     (ws / ".gitignore").write_text("/prompts/\n/eval_images/\n/checkpoints/\n/models/student\n/models/onnx\n"
                                    "/production/\n.flows.lock\n")

@@ -120,6 +120,13 @@ def check_tiny(tiny, vae, data, noise: float = 0.5) -> dict[str, float]:
 
 
 def save_tiny(out: Path, tiny) -> None:
-    """The diffusers AutoencoderTiny folder (config.json + safetensors), written atomically."""
+    """The diffusers AutoencoderTiny folder (config.json + safetensors), written atomically. Its config is the
+    published TAESD folders' key set: `block_out_channels`, which AutoencoderTiny records for itself and
+    then warns about when loading, is left out."""
+    import json
+
     with atomic_dir(out) as tmp:
         tiny.save_pretrained(tmp, safe_serialization=True)
+        spec = json.loads((tmp / "config.json").read_text())
+        spec.pop("block_out_channels", None)
+        (tmp / "config.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")

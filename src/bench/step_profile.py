@@ -1,0 +1,118 @@
+"""Where the time of one SwiftBrush training step goes: torch.profiler over the real step of src/distill.py.
+
+    python -m src.bench.step_profile           # params.yaml's distill, as shipped and with each variant
+    python -m src.bench.step_profile --steps 3 # fewer profiled steps
+
+For each variant (params.yaml's distill settings, then each `--variant KEY=VALUE[,KEY=VALUE]`;
+by default the CLIP loss decoded through the VAE and through the tiny decoder) it builds the run
+exactly as `python -m src.distill` does (scratch folders), warms up, times steps without the
+profiler, then profiles a few. The step's phases are labelled in src/distill.py (`phase`), so the
+table shows each phase's share and the operators that dominate. Writes
+reports/bench/step_profile.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import load_config
+from ..errors import run_cli
+from ..fileio import atomic_file, write_json
+
+DEFAULT_VARIANTS = ("distill.clip_decoder=vae", "distill.clip_decoder=tiny")
+
+
+def profile_variant(overrides: list[str], steps: int, timed_steps: int, top: int = 12) -> dict:
+    """Median step time without the profiler, then the per-phase and per-operator profile of `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .. import distill as D
+    from ..onestep import initial_noise
+    from ..prepare import derive_seed
+
+    config = load_config(overrides=overrides)
+    cfg = config.distill
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = D.Paths(eval_prompts=Path(tmp) / "none.jsonl", checkpoints=Path(tmp) / "ck",
+                        student=Path(tmp) / "student", reports=Path(tmp) / "rep",
+                        tiny_decoder=Path(config.tiny_decoder) if config.tiny_decoder else None)
+        run = D.setup(cfg, config.lr, config.seed, paths)
+        D.resume(run, cfg, paths)
+
+        def step(k: int) -> None:
+            gen = torch.Generator().manual_seed(derive_seed(config.seed, "distill", 0, k))
+            idx = D.batch_indices(len(run.prompts), cfg.batch_size, k, 0, 1, config.seed)
+            z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], run.shape)
+            D.train_step(run, cfg, [run.prompts[i] for i in idx], z, gen, k)
+
+        for k in range(3):
+            step(k)
+        times = []
+        for k in range(timed_steps):
+            t0 = time.perf_counter()
+            step(3 + k)
+            times.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for k in range(steps):
+                step(100 + k)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    phases = [{"phase": e.key.removeprefix("step: "), "ms_per_step": round(e.cpu_time_total / steps / 1e3, 2),
+               "share": round(e.cpu_time_total / steps / 1e3 / total, 4)}
+              for e in events if e.key.startswith("step: ")]
+    order = ["text encoder", "student forward", "VSD scores", "CLIP loss", "student backward", "student clip",
+             "LoRA teacher forward", "LoRA teacher backward", "LoRA teacher clip", "EMA"]
+    phases.sort(key=lambda p: next((i for i, o in enumerate(order) if p["phase"].startswith(o)), len(order)))
+    ops = sorted((e for e in events if not e.key.startswith("step: ")), key=lambda e: -e.self_cpu_time_total)
+    return {"overrides": overrides, "s_per_step": round(statistics.median(times), 4),
+            "profiled_ms_per_step": round(total, 1), "phases": phases,
+            "top_ops": [{"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / steps / 1e3, 2),
+                         "share": round(e.self_cpu_time_total / steps / 1e3 / total, 4),
+                         "calls_per_step": e.count // steps} for e in ops[:top]]}
+
+
+def report(rows: list[dict], machine: str) -> str:
+    lines = [f"# Where a training step's time goes ({machine})", "",
+             "`python -m src.bench.step_profile`: the step of `python -m src.distill` with params.yaml's distill "
+             "settings and each variant's overrides; s / step is the median of unprofiled steps, the tables are "
+             "torch.profiler over profiled ones (CPU time; phases nest, operators are self time).", ""]
+    base = rows[0]["s_per_step"]
+    lines += ["| variant | s / step | vs the first |", "|---|---|---|"]
+    lines += [f"| {', '.join(r['overrides']) or 'params.yaml'} | {r['s_per_step']} | {base / r['s_per_step']:.2f}x |"
+              for r in rows]
+    for r in rows:
+        lines += ["", f"## {', '.join(r['overrides']) or 'params.yaml'}", "",
+                  "| phase | ms / step | share |", "|---|---|---|"]
+        lines += [f"| {p['phase']} | {p['ms_per_step']} | {p['share']:.1%} |" for p in r["phases"]]
+        lines += ["", "| operator (self time) | ms / step | share | calls / step |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['self_ms_per_step']} | {o['share']:.1%} | {o['calls_per_step']} |"
+                  for o in r["top_ops"]]
+    return "\n".join(lines + [""])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .__main__ import machine
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                        help=f"params overrides of one variant (repeatable; default: {' and '.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per variant")
+    parser.add_argument("--timed-steps", type=int, default=10, help="unprofiled steps timed per variant")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench"))
+    args = parser.parse_args(argv)
+    variants = [v.split(",") for v in (args.variant or DEFAULT_VARIANTS)]
+    rows = [profile_variant(v, args.steps, args.timed_steps) for v in variants]
+    write_json(args.out / "step_profile.json", {"machine": machine(), "variants": rows})
+    with atomic_file(args.out / "step_profile.md") as f:
+        f.write(report(rows, machine()))
+    print(report(rows, machine()))
+
+
+if __name__ == "__main__":
+    run_cli(main)
