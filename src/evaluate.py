@@ -296,7 +296,7 @@ def report(metrics: dict, n: int, cfg: EvaluateConfig, clip_name: str) -> str:
     lines = [f"# Evaluation ({cfg.mode} mode, {n} eval prompts)", "", intro, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
-        row = [name, f"{m['fid']:.2f}" if "fid" in m else "-", f"{m['clip_score']:.4f}"]
+        row = [name, f"{m['fid']:.3f}" if "fid" in m else "-", f"{m['clip_score']:.4f}"]
         if attrs:
             row += [f"{m['attribute_accuracy']:.3f}"] + [f"{m.get('attribute_accuracy_' + a, float('nan')):.3f}"
                                                         for a in attrs]

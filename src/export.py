@@ -120,6 +120,15 @@ def export_fp32(pipe, path: Path, opset: int, exporter: str = "torchscript") -> 
             f.unlink()
 
 
+def strip_debug_info(model):
+    """Drop what the dynamo exporter records per node for debugging: the Python stack trace (with the absolute
+    paths of this checkout) and module scopes. Without it the graph's bytes depend only on the model, so two
+    checkouts export the same artifact version."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    return model
+
+
 def consolidate(raw: Path, path: Path) -> None:
     """`raw` (as the exporter wrote it) -> `path`. Past 2 GB the exporter leaves one file per weight;
     they are streamed into one `<name>.data` a tensor at a time (never the whole model in memory)."""
@@ -129,8 +138,9 @@ def consolidate(raw: Path, path: Path) -> None:
     model = onnx.load(str(raw), load_external_data=False)
     external = [t for t in model.graph.initializer if uses_external_data(t)]
     if not external:
-        _save(onnx.load(str(raw)), path)
+        _save(strip_debug_info(onnx.load(str(raw))), path)
         return
+    strip_debug_info(model)
     with (path.parent / (path.name + ".data")).open("wb") as out:
         for t in external:
             info = {e.key: e.value for e in t.external_data}

@@ -131,3 +131,23 @@ def test_the_clip_loss_may_not_train_on_the_evaluator():
     with pytest.raises(UserError, match="distill.clip_model.*evaluate scores with"):
         config_from_dict({"distill": {"clip_model": "models/evaluator"}, "evaluate": {"evaluator": "models/evaluator"}})
     assert config_from_dict({"distill": {"clip_model": "models/guide"}}).distill.clip_model == "models/guide"
+
+
+@pytest.mark.parametrize("module, package, extra", [("src.serve", "fastapi", "serve"), ("src.flows", "prefect", "flows")])
+def test_a_missing_extra_is_named_with_its_install_command(module, package, extra):
+    """`pip install -e .` leaves the service's and the flows' packages out: their commands say what to install."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, runpy; sys.modules[{package!r}] = None; "
+            f"runpy.run_module({module!r}, run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"pip install -e '.[{extra}]'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_tiny_decoder_setting_needs_the_tiny_decoder_folder():
+    for raw in ({"export": {"decoder": "tiny"}}, {"distill": {"clip_decoder": "tiny"}}):
+        with pytest.raises(UserError, match="tiny needs the top-level tiny_decoder"):
+            config_from_dict(dict(raw, tiny_decoder=None))
+        assert config_from_dict(dict(raw, tiny_decoder="models/tiny_decoder")).tiny_decoder == "models/tiny_decoder"

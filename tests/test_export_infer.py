@@ -51,6 +51,15 @@ def test_export_writes_both_graphs_with_parity(onnx_dir):
     assert "input_ids" in card and "python -m src.infer" in card and str(metrics["psnr_fp32"]) in card
 
 
+def test_the_artifact_carries_no_path_of_the_checkout(onnx_dir, repo):
+    """The dynamo exporter records each node's stack trace (absolute paths of this checkout); export drops
+    them, so two clones in different folders write the same bytes (the same artifact version)."""
+    folder, _ = onnx_dir
+    for graph in (folder / "fp32" / "model.onnx", folder / "fp16" / "model.onnx"):
+        data = graph.read_bytes()
+        assert str(repo).encode() not in data and b"stack_trace" not in data
+
+
 def test_export_refuses_to_write_below_the_parity_bar(tmp_path, micro_student, world_prompts):
     with pytest.raises(UserError, match="parity below the bar for fp32"):
         export(ExportConfig(parity_prompts=2, min_psnr_fp32=1e9, exporter="torchscript", opset=17),

@@ -104,3 +104,26 @@ def test_export_with_the_tiny_decoder_holds_parity_and_infers(tmp_path, micro_mo
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     with pytest.raises(UserError, match="tiny_decoder"):
         export(ExportConfig(decoder="tiny"), Paths(student=micro_student, out=tmp_path / "o2", reports=tmp_path / "r2"))
+
+
+def test_only_tiny_decoder_adds_it_to_an_existing_build(micro_models, tmp_path):
+    """--only-tiny-decoder: the same scenes and seed as the full build give the same decoder; the build record
+    keeps what it had and gains the tiny decoder's settings, metrics and wall time."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from src.world.build import MICRO, build_tiny_decoder, main
+
+    models, _ = micro_models
+    with pytest.raises(UserError, match="no VAE at"):
+        build_tiny_decoder(MICRO, tmp_path)
+    shutil.copytree(models / "teacher" / "vae", tmp_path / "teacher" / "vae")
+    shutil.copy(models / "build.json", tmp_path / "build.json")
+    main(["--scale", "micro", "--out", str(tmp_path), "--only-tiny-decoder"])
+    record = json.loads((tmp_path / "build.json").read_text())
+    assert record["config"]["unet_steps"] == MICRO.unet_steps and record["wall_s"]["tiny_decoder"] > 0
+    assert "block_out_channels" not in json.loads((tmp_path / "tiny_decoder" / "config.json").read_text())
+    name = "diffusion_pytorch_model.safetensors"
+    rebuilt, built = load_file(tmp_path / "tiny_decoder" / name), load_file(models / "tiny_decoder" / name)
+    assert all(torch.equal(rebuilt[k], built[k]) for k in built)

@@ -396,48 +396,55 @@ def train_guide(cfg: BuildConfig, data: SceneSet, held: SceneSet, tokenizer, rec
     return guide
 
 
+def build_part(cfg: BuildConfig, out_dir: Path, spec: str, wall_key: str, command_key: str, make) -> dict:
+    """One model next to existing ones: `make(data, held, record)` trains and saves it on the build's scenes;
+    its settings (cfg.<spec>), wall time and command are added to out_dir/build.json."""
+    torch.set_num_threads(cfg.threads)
+    path = out_dir / "build.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"config": asdict(cfg), "wall_s": {}, "metrics": {}}
+    record["config"][spec] = asdict(getattr(cfg, spec))
+    clock = time.perf_counter()
+    data = render_scenes(cfg.n_scenes, cfg.resolution, cfg.seed, cfg.p_size_named)
+    held = render_scenes(cfg.n_heldout, cfg.resolution, cfg.seed + 1000, cfg.p_size_named)
+    make(data, held, record)
+    record["wall_s"][wall_key] = round(time.perf_counter() - clock, 1)
+    record[command_key] = " ".join(["python -m src.world.build", *sys.argv[1:]])
+    write_json(path, record)
+    return record
+
+
 def build_guide(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
     """Only the guide CLIP (same scenes as the full build), added to an existing out_dir/build.json."""
     from transformers import CLIPTokenizer
 
-    torch.set_num_threads(cfg.threads)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    path = out_dir / "build.json"
-    record = json.loads(path.read_text()) if path.is_file() else {"config": asdict(cfg), "wall_s": {}, "metrics": {}}
-    record["config"]["guide"] = asdict(cfg.guide)
-    clock = time.perf_counter()
-    data = render_scenes(cfg.n_scenes, cfg.resolution, cfg.seed, cfg.p_size_named)
-    held = render_scenes(cfg.n_heldout, cfg.resolution, cfg.seed + 1000, cfg.p_size_named)
-    guide = train_guide(cfg, data, held, tokenizer, record)
-    save_evaluator(out_dir / "guide", guide, tokenizer, cfg.resolution)
-    record["wall_s"]["guide_clip"] = round(time.perf_counter() - clock, 1)
-    record["guide_command"] = " ".join(["python -m src.world.build", *sys.argv[1:]])
-    write_json(path, record)
-    return record
+
+    def make(data: SceneSet, held: SceneSet, record: dict) -> None:
+        save_evaluator(out_dir / "guide", train_guide(cfg, data, held, tokenizer, record), tokenizer, cfg.resolution)
+
+    return build_part(cfg, out_dir, "guide", "guide_clip", "guide_command", make)
+
+
+def saved_vae(out_dir: Path):
+    """out_dir/teacher/vae, frozen, in float32."""
+    from diffusers import AutoencoderKL
+
+    vae_dir = out_dir / "teacher" / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise UserError(f"--only-tiny-decoder: no VAE at {vae_dir} (build the world first, or give --out)")
+    return AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
 
 
 def build_tiny_decoder(cfg: BuildConfig, out_dir: Path) -> dict:
     """Only the tiny decoder, distilled from out_dir/teacher/vae on the build's scenes; added to build.json."""
-    from diffusers import AutoencoderKL
+    vae = saved_vae(out_dir)
 
-    torch.set_num_threads(cfg.threads)
-    vae_dir = out_dir / "teacher" / "vae"
-    if not (vae_dir / "config.json").is_file():
-        raise UserError(f"--only-tiny-decoder: no VAE at {vae_dir} (build the world first, or give --out)")
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
-    path = out_dir / "build.json"
-    record = json.loads(path.read_text()) if path.is_file() else {"config": asdict(cfg), "wall_s": {}, "metrics": {}}
-    record["config"]["tiny"] = asdict(cfg.tiny)
-    clock = time.perf_counter()
-    data = render_scenes(cfg.n_scenes, cfg.resolution, cfg.seed, cfg.p_size_named)
-    held = render_scenes(cfg.n_heldout, cfg.resolution, cfg.seed + 1000, cfg.p_size_named)
-    tiny = train_tiny(cfg.tiny, vae, data)
-    record["metrics"].update(check_tiny(tiny, vae, held))
-    save_tiny(out_dir / "tiny_decoder", tiny)
-    record["wall_s"]["tiny_decoder"] = round(time.perf_counter() - clock, 1)
-    record["tiny_decoder_command"] = " ".join(["python -m src.world.build", *sys.argv[1:]])
-    write_json(path, record)
-    return record
+    def make(data: SceneSet, held: SceneSet, record: dict) -> None:
+        tiny = train_tiny(cfg.tiny, vae, data)
+        record["metrics"].update(check_tiny(tiny, vae, held))
+        save_tiny(out_dir / "tiny_decoder", tiny)
+
+    return build_part(cfg, out_dir, "tiny", "tiny_decoder", "tiny_decoder_command", make)
 
 
 def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
@@ -493,12 +500,12 @@ def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
     unet = train_unet(cfg, latents, data, text_encoder, tokenizer, vae, val, record["unet_curve"])
     lap("unet")
 
-    tiny = train_tiny(cfg.tiny, vae, data)
-    record["metrics"].update(check_tiny(tiny, vae, held))
-    lap("tiny_decoder")
-
     save_teacher(out_dir / "teacher", tokenizer, text_encoder, vae, unet, tokenizer_dir)
+    saved = saved_vae(out_dir)          # the VAE as users load it (its weights are saved in fp16)
+    tiny = train_tiny(cfg.tiny, saved, data)
+    record["metrics"].update(check_tiny(tiny, saved, held))
     save_tiny(out_dir / "tiny_decoder", tiny)
+    lap("tiny_decoder")
     save_evaluator(out_dir / "evaluator", evaluator, tokenizer, cfg.resolution)
     save_evaluator(out_dir / "guide", guide, tokenizer, cfg.resolution)
     record["wall_s"]["total"] = round(sum(record["wall_s"].values()), 1)
