@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_gpu_profile_runs_at_tiny_size_on_cpu(tmp_path):
     from src.bench.gpu_profile import main
@@ -43,3 +45,36 @@ def test_every_vsd_step_variant_computes_the_reference_gradient(tiny_unet):
         assert by_name[v.name]["grad_max_rel_diff"] < 1e-4, v.name
         assert by_name[v.name]["s_per_step"] > 0
     assert by_name["wrong guidance"]["grad_max_rel_diff"] > 1e-2
+
+
+def test_round_robin_times_every_run_in_turns_and_the_teacher_every_other_round():
+    from src.bench.__main__ import round_robin
+
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in ("onnx", "torch", "teacher_25")}
+    times = round_robin(runs, repeats=4, sparse=("teacher",))
+    warm, timed = calls[:3], calls[3:]
+    assert warm == ["onnx", "torch", "teacher_25"]
+    assert timed == ["onnx", "torch", "teacher_25", "onnx", "torch", "onnx", "torch", "teacher_25", "onnx", "torch"]
+    assert set(times) == set(runs) and all(t >= 0 for t in times.values())
+
+
+def test_headlines_compare_like_with_like_and_pick_the_best_artifact():
+    from src.bench.__main__ import headlines
+
+    def row(b, ips):
+        return {"batch": b, "latency_s": b / ips, "images_per_s": ips}
+
+    inf = {"onnx_fp32_b64": row(64, 400.0), "onnx_fp16_b64": row(64, 300.0), "onnx_fp32_tiny_b64": row(64, 500.0),
+           "torch_student_b64": row(64, 320.0), "torch_student_tiny_b64": row(64, 400.0), "teacher_25_b64": row(64, 10.0),
+           "onnx_fp32_b1": row(1, 200.0), "onnx_fp32_tiny_b1": row(1, 250.0), "torch_student_b1": row(1, 50.0),
+           "torch_student_tiny_b1": row(1, 100.0), "teacher_25_b1": row(1, 2.5), "provider": "CPUExecutionProvider"}
+    h = headlines(inf, 64, 25)
+    assert h["best_one_step_artifact"] == "onnx_fp32_tiny"
+    assert h["speedup_one_step_vs_teacher_25"] == pytest.approx(50.0)
+    assert h["speedup_one_step_vs_teacher_25_b1"] == pytest.approx(100.0)
+    assert h["ort_vs_torch_speedup"] == pytest.approx(1.25)            # VAE graph against the VAE student
+    assert h["ort_vs_torch_speedup_tiny"] == pytest.approx(1.25)       # tiny against tiny, not against the VAE
+    assert h["ort_vs_torch_speedup_tiny_b1"] == pytest.approx(2.5)
+    assert h["speedup_torch_student_vs_torch_teacher_25"] == pytest.approx(32.0)
+    assert h["speedup_onnx_fp32_tiny_vs_torch_teacher_25"] == pytest.approx(50.0)

@@ -347,19 +347,20 @@ def test_io_binding_gives_the_same_images_as_a_plain_run(onnx_dir):
 
 
 def test_cuda_fusions_apply_to_the_generator_and_a_cpu_machine_refuses_to_ship_them(tmp_path, onnx_dir,
-                                                                                  micro_student):
-    """export.fuse: cuda. ONNX Runtime's SD optimiser fuses the exported generator (the fused graph is written
-    and carries CUDA-only operators); without a GPU to check its parity the stage writes nothing."""
+                                                                                  micro_onnx_b, micro_student):
+    """export.fuse: cuda. ONNX Runtime's SD optimiser fuses the exported generator, from either exporter (the
+    fused graph is written and carries CUDA-only operators); without a GPU to check its parity the stage
+    writes nothing."""
     import onnx
     import torch
 
     from src.export import fuse_cuda
 
-    folder, _ = onnx_dir
-    fused = fuse_cuda(folder / "fp32" / "model.onnx", tmp_path / "fused.onnx")
-    assert fused.get("GroupNorm", 0) > 0 and fused.get("NhwcConv", 0) > 0
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node}
-    assert {"GroupNorm", "NhwcConv"} <= ops
+    for name, folder in (("dynamo", onnx_dir[0]), ("torchscript", micro_onnx_b)):
+        fused = fuse_cuda(folder / "fp32" / "model.onnx", tmp_path / f"{name}.onnx")
+        assert fused.get("GroupNorm", 0) > 0 and fused.get("NhwcConv", 0) > 0, name
+        ops = {n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node}
+        assert {"GroupNorm", "NhwcConv"} <= ops
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU is usable here"):
             export(ExportConfig(fuse="cuda"), Paths(student=micro_student, out=tmp_path / "o", reports=tmp_path / "r"))

@@ -38,6 +38,23 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def round_robin(runs: dict[str, Callable[[], object]], repeats: int, sparse: tuple[str, ...] = ()) -> dict[str, float]:
+    """Median wall time of each run, after one warm-up each, timed in turns (one call of every run per round), so
+    that a machine that speeds up or slows down during the benchmark shifts every run alike and their ratios hold.
+    Runs whose name contains a `sparse` word (the slow teacher) are timed every other round."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(repeats):
+        for name, fn in runs.items():
+            if r % 2 and any(w in name for w in sparse):
+                continue
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -83,10 +100,10 @@ def bench_inference(student: Path, artifacts: dict[str, Path], teacher: str, pro
         runs[f"teacher_{teacher_steps}_b{b}"] = lambda: teacher_pipe(
             ps, num_inference_steps=teacher_steps, guidance_scale=guidance, output_type="np",
             generator=[torch.Generator().manual_seed(s) for s in seeds])
-        for name, fn in runs.items():
-            with torch.inference_mode():
-                t = timed(fn, repeats if "teacher" not in name else max(1, repeats // 2))
-            rows[name] = {"batch": b, "latency_s": round(t, 5), "images_per_s": round(b / t, 2)}
+        with torch.inference_mode():
+            times = round_robin(runs, repeats, sparse=("teacher",))
+        rows |= {name: {"batch": b, "latency_s": round(t, 5), "images_per_s": round(b / t, 2)}
+                 for name, t in times.items()}
     rows["provider"] = arts["vae", "fp32"].provider
     return rows
 
@@ -151,7 +168,7 @@ def bench_distill(steps: int) -> dict:
 def report(b: dict, big: int) -> str:
     inf = b["inference"]
     lines = [f"# Speed benchmark ({b['machine']})", "",
-             f"`python -m src.bench`, {b['date']}. Median of repeats after a warm-up. ONNX Runtime provider: "
+             f"`python -m src.bench`, {b['date']}. Median of repeats after a warm-up, every generator timed in turns. ONNX Runtime provider: "
              f"{inf['provider']}.", "",
              "| generator | batch | latency (s / batch) | images / s |", "|---|---|---|---|"]
     for name, row in inf.items():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import sys
 import tempfile
 import time
@@ -35,18 +34,12 @@ OUT = Path("reports/bench")
 
 def time_round_robin(sessions: dict, batch: int, repeats: int, max_length: int, latent: list[int]) -> dict[str, float]:
     """Median ms per call of each session, calls interleaved."""
+    from .__main__ import round_robin
+
     feeds = {"input_ids": np.full((batch, max_length), 0, np.int64),
              "noise": np.random.default_rng(0).standard_normal((batch, *latent), dtype=np.float32)}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feeds)
-            times[k].append(time.perf_counter() - t0)
-    return {k: round(statistics.median(v) * 1000, 2) for k, v in times.items()}
+    runs = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
+    return {k: round(v * 1000, 2) for k, v in round_robin(runs, repeats).items()}
 
 
 def full_size(arch: str, resolution: int, work: Path, out: Path, limit_gb: float) -> dict:
