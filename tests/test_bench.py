@@ -57,6 +57,9 @@ def test_round_robin_times_every_run_in_turns_and_the_teacher_every_other_round(
     assert warm == ["onnx", "torch", "teacher_25"]
     assert timed == ["onnx", "torch", "teacher_25", "onnx", "torch", "onnx", "torch", "teacher_25", "onnx", "torch"]
     assert set(times) == set(runs) and all(t >= 0 for t in times.values())
+    calls.clear()
+    round_robin(runs, repeats=2, sparse=("teacher",), burst=3)
+    assert calls[3:] == ["onnx"] * 3 + ["torch"] * 3 + ["teacher_25"] + ["onnx"] * 3 + ["torch"] * 3
 
 
 def test_headlines_compare_like_with_like_and_pick_the_best_artifact():

@@ -12,8 +12,10 @@ def test_rehearsal_runs_every_stage_on_a_tiny_sd21_layout(tmp_path):
     """SD 2.1's layout (DDIM, v-prediction, upcast attention, the real tokenizer) through layout ->
     prepare -> distill (killed after its checkpoint, resumed) -> stock diffusers -> export -> infer, as
     `python -m src.bench.fullsize --scale tiny` runs it. COCO evaluate is left out here (its three 2048-d
-    FID square roots cost ~45 s): tests/test_evaluate_coco.py runs it end to end, in one process and two."""
-    s = Settings(resolution=64, steps=3, eval_prompts=2, teacher_steps=2, evaluate=False)
+    FID square roots cost ~45 s): tests/test_evaluate_coco.py runs it end to end, in one process and two. The
+    legacy TorchScript exporter keeps it ~30 s shorter; the default dynamo exporter is exercised by the export
+    tests and, at full size, by `python -m src.bench.exporter --arch sd21-base`."""
+    s = Settings(resolution=64, steps=3, eval_prompts=2, teacher_steps=2, evaluate=False, exporter="torchscript")
     entry = rehearse("sd21", "tiny", tmp_path / "w", s, limit_gb=20.0)
     stages = entry["stages"]
     assert stages["distill_killed"]["note"].startswith("killed"), stages

@@ -172,6 +172,7 @@ class Settings:
     eval_prompts: int = 4
     teacher_steps: int = 10
     evaluate: bool = True          # False skips the evaluate stage (its three 2048-d FID square roots take ~45 s)
+    exporter: str = "dynamo"       # export.exporter (the product's default); torchscript exports in seconds
     extra: dict = field(default_factory=dict)
 
 
@@ -190,7 +191,7 @@ def params_yaml(s: Settings, coco: Path) -> str:
                                               "inception": str(coco / "inception" / "inception-2015-12-05.pt"),
                                               "clip": str(coco / "clip")},
                      "teacher_steps": s.teacher_steps, "batch_size": 2, "grid_rows": 2},
-        "export": {"parity_prompts": 2},
+        "export": {"parity_prompts": 2, "exporter": s.exporter, "opset": 18 if s.exporter == "dynamo" else 17},
     }
     return json.dumps(cfg, indent=2)      # JSON is YAML
 

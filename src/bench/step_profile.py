@@ -30,43 +30,65 @@ DEFAULT_VARIANTS = ("distill.clip_decoder=vae", "distill.clip_decoder=tiny", "di
                     "distill.mixed_precision=bf16")
 
 
-def profile_variant(overrides: list[str], steps: int, timed_steps: int, top: int = 12) -> dict:
-    """Median step time without the profiler, then the per-phase and per-operator profile of `steps` steps."""
+class Variant:
+    """One variant's run, built exactly as `python -m src.distill` builds it (scratch folders)."""
+
+    def __init__(self, overrides: list[str], tmp: Path):
+        from .. import distill as D
+
+        self.overrides = overrides
+        self.config = load_config(overrides=overrides)
+        self.cfg = self.config.distill
+        paths = D.Paths(eval_prompts=tmp / "none.jsonl", checkpoints=tmp / "ck", student=tmp / "student",
+                        reports=tmp / "rep",
+                        tiny_decoder=Path(self.config.tiny_decoder) if self.config.tiny_decoder else None)
+        self.run = D.setup(self.cfg, self.config.lr, self.config.seed, paths)
+        D.resume(self.run, self.cfg, paths)
+
+    def step(self, k: int) -> float:
+        """Seconds for the run's training step k (the draws of distill's step k)."""
+        from .. import distill as D
+        from ..onestep import initial_noise
+        from ..prepare import derive_seed
+
+        run, cfg, seed = self.run, self.cfg, self.config.seed
+        gen = torch.Generator().manual_seed(derive_seed(seed, "distill", 0, k))
+        idx = D.batch_indices(len(run.prompts), cfg.batch_size, k, 0, 1, seed)
+        z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], run.shape)
+        t0 = time.perf_counter()
+        D.train_step(run, cfg, [run.prompts[i] for i in idx], z, gen, k)
+        return time.perf_counter() - t0
+
+
+def profile_group(variants: list[list[str]], steps: int, timed_steps: int, top: int = 12) -> list[dict]:
+    """Variants that share accelerate's mixed precision (one process-wide setting): built side by side, their
+    steps timed in turns (so that the machine's drift hits all alike), then each profiled over `steps` steps."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [Variant(v, Path(tmp) / str(i)) for i, v in enumerate(variants)]
+        first = [r.step(0) for r in runs]                # with distill.compile, this one compiles
+        for k in (1, 2):
+            for r in runs:
+                r.step(k)
+        times: list[list[float]] = [[] for _ in runs]
+        for k in range(timed_steps):
+            for i, r in enumerate(runs):
+                times[i].append(r.step(3 + k))
+        return [summary(r, profiled(r, steps), steps, first[i], times[i], top) for i, r in enumerate(runs)]
+
+
+def profiled(r: Variant, steps: int):
     from torch.profiler import ProfilerActivity, profile
 
-    from .. import distill as D
-    from ..onestep import initial_noise
-    from ..prepare import derive_seed
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for k in range(steps):
+            r.step(100 + k)
+    return prof.key_averages()
 
-    config = load_config(overrides=overrides)
-    cfg = config.distill
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = D.Paths(eval_prompts=Path(tmp) / "none.jsonl", checkpoints=Path(tmp) / "ck",
-                        student=Path(tmp) / "student", reports=Path(tmp) / "rep",
-                        tiny_decoder=Path(config.tiny_decoder) if config.tiny_decoder else None)
-        run = D.setup(cfg, config.lr, config.seed, paths)
-        D.resume(run, cfg, paths)
 
-        def step(k: int) -> None:
-            gen = torch.Generator().manual_seed(derive_seed(config.seed, "distill", 0, k))
-            idx = D.batch_indices(len(run.prompts), cfg.batch_size, k, 0, 1, config.seed)
-            z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], run.shape)
-            D.train_step(run, cfg, [run.prompts[i] for i in idx], z, gen, k)
-
-        t0 = time.perf_counter()
-        step(0)                          # with distill.compile, this one compiles
-        first = time.perf_counter() - t0
-        for k in range(1, 3):
-            step(k)
-        times = []
-        for k in range(timed_steps):
-            t0 = time.perf_counter()
-            step(3 + k)
-            times.append(time.perf_counter() - t0)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for k in range(steps):
-                step(100 + k)
-    events = prof.key_averages()
+def summary(r: Variant, events, steps: int, first: float, times: list[float], top: int) -> dict:
     total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     phases = [{"phase": e.key.removeprefix("step: "), "ms_per_step": round(e.cpu_time_total / steps / 1e3, 2),
                "share": round(e.cpu_time_total / steps / 1e3 / total, 4)}
@@ -75,8 +97,9 @@ def profile_variant(overrides: list[str], steps: int, timed_steps: int, top: int
              "LoRA teacher forward", "LoRA teacher backward", "LoRA teacher clip", "EMA"]
     phases.sort(key=lambda p: next((i for i, o in enumerate(order) if p["phase"].startswith(o)), len(order)))
     ops = sorted((e for e in events if not e.key.startswith("step: ")), key=lambda e: -e.self_cpu_time_total)
-    return {"overrides": overrides, "first_step_s": round(first, 2), "s_per_step": round(statistics.median(times), 4),
-            "profiled_ms_per_step": round(total, 1), "phases": phases,
+    return {"overrides": r.overrides, "mixed_precision": r.cfg.mixed_precision, "first_step_s": round(first, 2),
+            "s_per_step": round(statistics.median(times), 4), "profiled_ms_per_step": round(total, 1),
+            "phases": phases,
             "top_ops": [{"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / steps / 1e3, 2),
                          "share": round(e.self_cpu_time_total / steps / 1e3 / total, 4),
                          "calls_per_step": e.count // steps} for e in ops[:top]]}
@@ -85,8 +108,10 @@ def profile_variant(overrides: list[str], steps: int, timed_steps: int, top: int
 def report(rows: list[dict], machine: str) -> str:
     lines = [f"# Where a training step's time goes ({machine})", "",
              "`python -m src.bench.step_profile`: the step of `python -m src.distill` with params.yaml's distill "
-             "settings and each variant's overrides; s / step is the median of unprofiled steps, the tables are "
-             "torch.profiler over profiled ones (CPU time; phases nest, operators are self time).", ""]
+             "settings and each variant's overrides. Variants with the same mixed precision run side by side and their "
+             "steps are timed in turns (s / step: the median), so the machine's drift hits them alike; the first step "
+             "includes torch.compile's compilation (inductor caches it on disk: a second process compiles faster). "
+             "The tables are torch.profiler over further steps (CPU time; phases nest, operators are self time).", ""]
     base = rows[0]["s_per_step"]
     lines += ["| variant | first step s | s / step | vs the first variant |", "|---|---|---|---|"]
     lines += [f"| {', '.join(r['overrides']) or 'params.yaml'} | {r['first_step_s']} | {r['s_per_step']} | "
@@ -112,7 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = parser.parse_args(argv)
     variants = [v.split(",") for v in (args.variant or DEFAULT_VARIANTS)]
-    rows = [profile_variant(v, args.steps, args.timed_steps) for v in variants]
+    groups: dict[str, list[list[str]]] = {}
+    for v in variants:
+        groups.setdefault(load_config(overrides=v).distill.mixed_precision, []).append(v)
+    rows = [row for group in groups.values() for row in profile_group(group, args.steps, args.timed_steps)]
     write_json(args.out / "step_profile.json", {"machine": machine(), "variants": rows})
     with atomic_file(args.out / "step_profile.md") as f:
         f.write(report(rows, machine()))
