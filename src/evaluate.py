@@ -19,7 +19,6 @@ reports/eval/grid.png.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -137,7 +136,7 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
     """The generators of the comparison, on the same prompts and seeds: the teacher in 1 and N steps, the
     student, and (with a tiny decoder) the student decoded by it, as `export.decoder: tiny` ships it."""
     from .onestep import generate as one_step
-    from .teacher import alphas_cumprod, load_pipeline, load_tiny_decoder
+    from .teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
 
     if not (student_dir / "model_index.json").is_file():
         raise UserError(f"{student_dir}: no student pipeline (run `dvc repro distill` first)")
@@ -165,8 +164,7 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
         "student_1": lambda p, s: one_step(student, student.unet, p, s, abar, batch_size, device),
     }
     if tiny_decoder is not None:
-        tiny = copy.copy(student)                       # the same modules, another decoder
-        tiny.vae = load_tiny_decoder(tiny_decoder, student.vae).to(device)
+        tiny = with_tiny_decoder(student, tiny_decoder, "tiny_decoder")     # the same modules, another decoder
         gens["student_1_tiny"] = lambda p, s: one_step(tiny, tiny.unet, p, s, abar, batch_size, device)
     return gens
 

@@ -43,7 +43,7 @@ from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
 from .noise import initial_noise
 from .onestep import decode, student_x0, timestep_of
-from .teacher import alphas_cumprod, load_pipeline, load_tiny_decoder
+from .teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
 from .prepare import read_prepared
 
 TWO_GB = 2 * 1024**3
@@ -346,9 +346,7 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
                         "export.fuse: none (the portable graphs). Nothing was written.")
     pipe = load_pipeline(str(paths.student))
     if cfg.decoder == "tiny":
-        if paths.tiny_decoder is None:
-            raise UserError("export.decoder: tiny needs the top-level tiny_decoder (a TAESD-format folder)")
-        pipe.vae = load_tiny_decoder(paths.tiny_decoder, pipe.vae)
+        pipe = with_tiny_decoder(pipe, paths.tiny_decoder, "export.decoder")
     records = read_prepared(paths.eval_prompts, cfg.parity_prompts) if paths.eval_prompts.is_file() else []
     prompts = [r["prompt"] for r in records] or ["a photo of a cat"]
     seeds = [int(r["seed"]) for r in records] or [0]

@@ -90,6 +90,18 @@ def load_tiny_decoder(path: str | Path, vae, dtype: torch.dtype = torch.float32)
     return tiny.eval().requires_grad_(False)
 
 
+def with_tiny_decoder(pipe, path: str | Path | None, setting: str):
+    """A shallow copy of `pipe` (the same modules) whose decoder is the tiny decoder at `path`; `pipe` keeps its
+    VAE. `setting`: the parameter that asked for it, named when `path` is not given."""
+    import copy
+
+    if path is None:
+        raise UserError(f"{setting}: tiny needs the top-level tiny_decoder (a TAESD-format folder)")
+    tiny = copy.copy(pipe)
+    tiny.vae = load_tiny_decoder(path, pipe.vae, pipe.vae.dtype).to(pipe.vae.device)
+    return tiny
+
+
 def alphas_cumprod(pipe) -> torch.Tensor:
     """The teacher's cumulative alphas, from its own scheduler config (never a pasted constant)."""
     from diffusers import DDPMScheduler

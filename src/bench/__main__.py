@@ -82,18 +82,15 @@ def bench_inference(student: Path, artifacts: dict[str, Path], teacher: str, pro
                     tiny_decoder: Path | None = None) -> dict:
     """Latency (s per batch) and images/s of: each ONNX artifact (`artifacts`: decoder name -> folder) in fp32
     and fp16, the PyTorch student with each decoder, the teacher N steps + CFG (PyTorch)."""
-    import copy
-
     from ..infer import generate as ort_generate
     from ..infer import load_artifact
     from ..onestep import generate as torch_generate
-    from ..teacher import alphas_cumprod, load_pipeline, load_tiny_decoder
+    from ..teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
 
     student_pipe, teacher_pipe = load_pipeline(str(student)), load_pipeline(teacher)
     pipes = {"vae": student_pipe}
     if tiny_decoder is not None:
-        pipes["tiny"] = copy.copy(student_pipe)
-        pipes["tiny"].vae = load_tiny_decoder(tiny_decoder, student_pipe.vae)
+        pipes["tiny"] = with_tiny_decoder(student_pipe, tiny_decoder, "tiny_decoder")
     abar = alphas_cumprod(student_pipe)
     arts = {(d, p): load_artifact(folder, p, "auto") for d, folder in artifacts.items() for p in ("fp32", "fp16")}
     rows: dict[str, dict] = {}
