@@ -182,6 +182,9 @@ class EvaluateConfig(Section):
     guidance_scale: float = Field(4.5, ge=1.0, le=50.0, description="teacher CFG (paper: 4.5)")
     batch_size: int = Field(64, ge=1, le=4096, description="images per generation batch")
     grid_rows: int = Field(12, ge=1, le=200, description="prompts shown in the sample grid")
+    bootstrap: int = Field(1000, ge=0, le=100000, description="bootstrap resamples over prompts for every metric's "
+                           "interval (BCa; COCO FID: percentile, at most 100, each a 2048-d matrix root); 0 = none")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of the intervals")
 
     @model_validator(mode="after")
     def _check_coco(self) -> "EvaluateConfig":

@@ -36,8 +36,9 @@ from .config import EvaluateConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_file, hash_file, write_json
 from .figures import sample_grid
-from .metrics import (COCO_SIZE, center_crop_resize, clip_paths, clip_score, file_listing_key, folder_stats,
-                      frechet, judge, load_clip, load_inception, world_stats)
+from .metrics import (COCO_SIZE, center_crop_resize, clip_paths, clip_similarities, feature_stats, features,
+                      file_listing_key, folder_stats, frechet, judge_per_image, load_clip, load_inception, mean_interval,
+                      resampled_interval, world_features)
 from .noise import CONVENTION, initial_noise
 from .prepare import read_prepared
 
@@ -48,7 +49,8 @@ class Paths:
     student: Path = Path("models/student")
     images: Path = Path("eval_images")
     reports: Path = Path("reports/eval")
-    tiny_decoder: Path | None = None      # the top-level tiny_decoder: adds "student_1_tiny"
+    tiny_decoder: Path | None = None      # the top-level tiny_decoder: adds "<student_name>_1_tiny"
+    student_name: str = "student"         # the student's rows: <student_name>_1 (and _1_tiny)
 
 
 Generator = Callable[[list[str], list[int]], np.ndarray]  # prompts, seeds -> uint8 (N, H, W, 3)
@@ -131,8 +133,8 @@ def image_batches(folder: Path, records: list[dict], batch_size: int):
 
 
 def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, batch_size: int,
-                    device: torch.device = torch.device("cpu"),
-                    tiny_decoder: Path | None = None) -> dict[str, Generator]:
+                    device: torch.device = torch.device("cpu"), tiny_decoder: Path | None = None,
+                    student_name: str = "student") -> dict[str, Generator]:
     """The generators of the comparison, on the same prompts and seeds: the teacher in 1 and N steps, the
     student, and (with a tiny decoder) the student decoded by it, as `export.decoder: tiny` ships it."""
     from .onestep import generate as one_step
@@ -161,11 +163,11 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
     gens = {
         "teacher_1": teacher_gen(1),
         f"teacher_{cfg.teacher_steps}": teacher_gen(cfg.teacher_steps),
-        "student_1": lambda p, s: one_step(student, student.unet, p, s, abar, batch_size, device),
+        f"{student_name}_1": lambda p, s: one_step(student, student.unet, p, s, abar, batch_size, device),
     }
     if tiny_decoder is not None:
         tiny = with_tiny_decoder(student, tiny_decoder, "tiny_decoder")     # the same modules, another decoder
-        gens["student_1_tiny"] = lambda p, s: one_step(tiny, tiny.unet, p, s, abar, batch_size, device)
+        gens[f"{student_name}_1_tiny"] = lambda p, s: one_step(tiny, tiny.unet, p, s, abar, batch_size, device)
     return gens
 
 
@@ -187,14 +189,16 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     prompts = [r["prompt"] for r in records]
 
     # ---- generate: same prompts and per-prompt seeds for every generator (split over processes)
-    generators = make_generators(cfg, teacher_dir, paths.student, cfg.batch_size, device, paths.tiny_decoder)
+    generators = make_generators(cfg, teacher_dir, paths.student, cfg.batch_size, device, paths.tiny_decoder,
+                                 paths.student_name)
     prompts_digest = tree_digest(paths.eval_prompts, cfg.limit, cfg.mode)
     side = json.loads((paths.student / "unet" / "config.json").read_text())["sample_size"]   # the drawn size
     teacher_digest = (tree_digest(teacher_dir), side)
     made_by = {"teacher_1": (*teacher_digest, 1, cfg.guidance_scale, CONVENTION),
                f"teacher_{cfg.teacher_steps}": (*teacher_digest, cfg.teacher_steps, cfg.guidance_scale, CONVENTION),
-               "student_1": (tree_digest(paths.student), CONVENTION),
-               "student_1_tiny": (tree_digest(paths.student), tree_digest(paths.tiny_decoder), CONVENTION)}
+               f"{paths.student_name}_1": (tree_digest(paths.student), CONVENTION),
+               f"{paths.student_name}_1_tiny": (tree_digest(paths.student), tree_digest(paths.tiny_decoder),
+                                                CONVENTION)}
     transform = center_crop_resize if cfg.mode == "coco" else None
     for name, gen in generators.items():
         fill_folder(paths.images / name, records, gen, cfg.batch_size, name,
@@ -205,20 +209,22 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     names = list(generators)
     del generators                      # the pipelines' memory, before the feature extractors load
 
-    # ---- measure
+    # ---- measure: per prompt, then each metric with its bootstrap interval over the prompts
     scorer = load_clip(cfg.evaluator if cfg.mode == "world" else cfg.coco.clip, device)
-    metrics: dict[str, dict] = {}
+    measured: dict[str, Measured] = {}
     if cfg.mode == "world":
         ref_dir = paths.images / "reference"
         _render_references(ref_dir, records, scorer.model.config.vision_config.image_size,
                            tree_digest("reference", prompts_digest))
-        ref_stats = world_stats(ref_dir, scorer.model)          # once, for every generator
+        ref_features = world_features([image_path(ref_dir, r) for r in records], scorer.model)   # once, for all
+        reference_stats = lambda i: feature_stats(ref_features[i])          # noqa: E731 (paired with each image)
         for name in [*names, "ground_truth"]:
             folder = ref_dir if name == "ground_truth" else paths.images / name
             imgs = load_folder(folder, records)
-            fid = {} if name == "ground_truth" else {"fid": frechet(world_stats(folder, scorer.model), ref_stats)}
+            feats = None if name == "ground_truth" else world_features([image_path(folder, r) for r in records],
+                                                                        scorer.model)
             batches = [(list(imgs[i:i + 256]), prompts[i:i + 256]) for i in range(0, len(imgs), 256)]
-            metrics[name] = {**fid, "clip_score": clip_score(scorer, batches), **judge(imgs, records)}
+            measured[name] = Measured(clip_similarities(scorer, batches), judge_per_image(imgs, records), feats)
         reference = load_folder(ref_dir, records[:cfg.grid_rows])
     else:
         inception = load_inception(cfg.coco.inception, device)
@@ -228,23 +234,104 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
                                  cache_key=file_listing_key(Path(cfg.coco.images), COCO_SIZE,
                                                             Path(cfg.coco.inception).stat().st_size),
                                  desc="reference features")
+        reference_stats = lambda i: ref_stats       # noqa: E731 (every val2014 image: a fixed reference)
         for name in names:
             folder = paths.images / name
-            stats = folder_stats(folder, inception, device=device, image_transform=center_crop_resize,
-                                 num_workers=workers, desc=f"{name} features")
-            metrics[name] = {"fid": frechet(stats, ref_stats),
-                             "clip_score": clip_score(scorer, image_batches(folder, records, 64))}
+            feats = features([image_path(folder, r) for r in records], inception, device=device,
+                             image_transform=center_crop_resize, num_workers=workers, desc=f"{name} features")
+            measured[name] = Measured(clip_similarities(scorer, image_batches(folder, records, 64)), {}, feats)
         reference = coco_images(Path(cfg.coco.images), records[:cfg.grid_rows])
+    fids = {name: fid_statistic(m.features, reference_stats) for name, m in measured.items() if m.features is not None}
+    metrics = {name: point_metrics(m, fids.get(name)) for name, m in measured.items()}
+    teacher_n = f"teacher_{cfg.teacher_steps}"
+    uncertainty = intervals(measured, fids, teacher_n, cfg) if cfg.bootstrap else {}
 
     write_json(paths.reports / "metrics.json", metrics)
+    write_json(paths.reports / "intervals.json", uncertainty)
     with atomic_file(paths.reports / "README.md") as f:
-        f.write(report(metrics, len(records), cfg, scorer.name))
-    columns = {"reference": reference} if reference is not None else {}
-    columns |= {name: load_folder(paths.images / name, records[:cfg.grid_rows]) for name in names}
-    grid = sample_grid(columns, prompts[:cfg.grid_rows])
+        f.write(report(metrics, uncertainty, len(records), cfg, scorer.name))
+    shown = {"reference": reference} if reference is not None else {}
+    shown |= {name: load_folder(paths.images / name, records[:cfg.grid_rows]) for name in names}
+    grid = sample_grid(shown, prompts[:cfg.grid_rows])
     with atomic_file(paths.reports / "grid.png", "wb") as f:
         grid.save(f, format="PNG")
     return metrics
+
+
+@dataclass
+class Measured:
+    """One generator's per-prompt measurements, in the eval records' order."""
+
+    clip: np.ndarray                    # (N,) cosine of each image with its own prompt
+    judge: dict[str, np.ndarray]        # world: per attribute 1 / 0 / NaN (not named); COCO: empty
+    features: np.ndarray | None         # (N, D) FID features (None: the references themselves)
+
+
+def fid_statistic(feats: np.ndarray, reference_stats: Callable[[np.ndarray], tuple]) -> Callable[[np.ndarray], float]:
+    """FID as a function of which prompts count: each image against the reference of its own prompt (world), or
+    against the fixed val2014 statistics (COCO)."""
+    return lambda i: frechet(feature_stats(feats[i]), reference_stats(i))
+
+
+def point_metrics(m: Measured, fid: Callable[[np.ndarray], float] | None) -> dict[str, float]:
+    """A generator's metrics over every prompt."""
+    out = {"fid": fid(np.arange(len(m.clip)))} if fid is not None else {}
+    return out | {"clip_score": float(m.clip.mean())} | {k: _nanmean(v) for k, v in m.judge.items()}
+
+
+def _nanmean(values: np.ndarray) -> float:
+    ok = ~np.isnan(values)
+    return float(values[ok].mean()) if ok.any() else float("nan")
+
+
+def columns(m: Measured) -> dict[str, np.ndarray]:
+    """The per-prompt metrics (means over prompts): CLIP score and the judge's attributes."""
+    return {"clip_score": m.clip, **m.judge}
+
+
+def intervals(measured: dict[str, Measured], fids: dict[str, Callable[[np.ndarray], float]], teacher: str,
+              cfg: EvaluateConfig) -> dict:
+    """Bootstrap intervals over the prompts of every metric, and of each student's difference from `teacher` on
+    the same resampled prompts (paired: what says whether it is better, level or worse). Per-prompt means: BCa;
+    FID: the resampled spread around the measured value (src/metrics.py, resampled_interval)."""
+    n = len(next(iter(measured.values())).clip)
+    fid_resamples = min(cfg.bootstrap, 100) if cfg.mode == "coco" else cfg.bootstrap   # COCO: 2048-d roots
+    opts = {"confidence": cfg.confidence, "seed": 0}
+    out: dict = {"confidence": cfg.confidence, "resamples": cfg.bootstrap, "fid_resamples": fid_resamples,
+                 "prompts": n, "intervals": {}, "vs_teacher": {"teacher": teacher}}
+    students = [k for k in measured if not k.startswith("teacher_") and k != "ground_truth"] \
+        if teacher in measured else []
+    with tqdm(total=len(measured) + len(students), desc="intervals", disable=None, mininterval=2) as bar:
+        for name, m in measured.items():
+            out["intervals"][name] = {k: list(mean_interval(v, resamples=cfg.bootstrap, **opts))
+                                      for k, v in columns(m).items()}
+            if name in fids:
+                out["intervals"][name]["fid"] = list(resampled_interval(fids[name], n, resamples=fid_resamples, **opts))
+            bar.update()
+        point = {name: point_metrics(m, fids.get(name)) for name, m in measured.items()}
+        for name in students:
+            base = columns(measured[teacher])
+            diff = {k: {"difference": point[name][k] - point[teacher][k],
+                        "interval": list(mean_interval(v, base[k], resamples=cfg.bootstrap, **opts))}
+                    for k, v in columns(measured[name]).items() if k in base}
+            if name in fids and teacher in fids:
+                f, g = fids[name], fids[teacher]
+                diff["fid"] = {"difference": point[name]["fid"] - point[teacher]["fid"],
+                               "interval": list(resampled_interval(lambda i: f(i) - g(i), n,
+                                                                   resamples=fid_resamples, **opts))}
+            out["vs_teacher"][name] = diff
+            bar.update()
+    return out
+
+
+def verdict(metric: str, low: float, high: float) -> str:
+    """better / worse than the teacher when the whole interval of (generator - teacher) says so, else level."""
+    lower_is_better = metric == "fid"
+    if high < 0:
+        return "better" if lower_is_better else "worse"
+    if low > 0:
+        return "worse" if lower_is_better else "better"
+    return "level"
 
 
 def check_coco_inputs(cfg: EvaluateConfig, paths: Paths) -> None:
@@ -279,8 +366,12 @@ def _render_references(folder: Path, records: list[dict], resolution: int, finge
         [render(Scene(**by_seed[s]["scene"]), resolution, seed=s) for s in seeds]), 256, "reference", fingerprint)
 
 
-def report(metrics: dict, n: int, cfg: EvaluateConfig, clip_name: str) -> str:
-    attrs = ["shape", "color", "position", "size", "background"] if cfg.mode == "world" else []
+HEADLINE = {"fid": "FID", "clip_score": "CLIP score", "attribute_accuracy": "attribute accuracy"}
+ATTRIBUTES = ["shape", "color", "position", "size", "background"]
+
+
+def report(metrics: dict, uncertainty: dict, n: int, cfg: EvaluateConfig, clip_name: str) -> str:
+    """The markdown page: every metric with its interval, then each student against the teacher (paired)."""
     if cfg.mode == "world":
         intro = ("Same prompts and per-prompt seeds for every generator. FID (against ground-truth renders of the "
                  "same prompts) and CLIP score use the embedded evaluator CLIP; attribute accuracy is the analytic "
@@ -290,26 +381,73 @@ def report(metrics: dict, n: int, cfg: EvaluateConfig, clip_name: str) -> str:
                  f"with its own seed; generated and val2014 images centre-cropped and Lanczos-resized to "
                  f"{COCO_SIZE}; clean-fid (mode clean, Inception-v3) against every image in {cfg.coco.images}. "
                  f"CLIP score: cosine similarity, backbone {clip_name}.")
-    head = ["generator", "FID", "CLIP score"] + (["attribute accuracy", *attrs] if attrs else [])
+    ci = uncertainty.get("intervals", {})
+    if ci:
+        intro += (f" In brackets: {cfg.confidence:.0%} bootstrap interval ({cfg.bootstrap} resamples of the {n} "
+                  "prompts, BCa; FID resamples each image with the reference of its own prompt"
+                  + ("" if cfg.mode == "world" else "; COCO FID: percentile, against the fixed val2014 statistics")
+                  + "). Intervals come from this prompt set and these seeds; a retrained student moves by more "
+                  "(reports/distill/seeds.md).")
+    keys = [k for k in HEADLINE if any(k in m for m in metrics.values())]
+    head = ["generator", *(HEADLINE[k] for k in keys)]
     lines = [f"# Evaluation ({cfg.mode} mode, {n} eval prompts)", "", intro, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
-        row = [name, f"{m['fid']:.3f}" if "fid" in m else "-", f"{m['clip_score']:.4f}"]
-        if attrs:
-            row += [f"{m['attribute_accuracy']:.3f}"] + [f"{m.get('attribute_accuracy_' + a, float('nan')):.3f}"
-                                                        for a in attrs]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join([name, *(_cell(m, ci.get(name, {}), k) for k in keys)]) + " |")
+    if cfg.mode == "world":
+        lines += ["", "Per attribute (share of the prompts naming it that the judge reads right):", "",
+                  "| generator | " + " | ".join(ATTRIBUTES) + " |", "|" + "---|" * (len(ATTRIBUTES) + 1)]
+        for name, m in metrics.items():
+            lines.append("| " + " | ".join([name, *(_cell(m, ci.get(name, {}), f"attribute_accuracy_{a}")
+                                                   for a in ATTRIBUTES)]) + " |")
+    versus = {k: v for k, v in uncertainty.get("vs_teacher", {}).items() if k != "teacher"}
+    if versus:
+        teacher = uncertainty["vs_teacher"]["teacher"]
+        lines += ["", f"Against {teacher}, paired (generator minus teacher on the same resampled prompts; "
+                      "better / worse only where the whole interval says so):", "",
+                  "| generator | " + " | ".join(HEADLINE[k] for k in keys) + " |", "|" + "---|" * (len(keys) + 1)]
+        for name, diffs in versus.items():
+            cells = []
+            for k in keys:
+                d = diffs[k]
+                low, high = d["interval"]
+                cells.append(f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {verdict(k, low, high)}")
+            lines.append("| " + " | ".join([name, *cells]) + " |")
     lines += ["", "Generation speed is measured by `python -m src.bench` (reports/bench/README.md), not here: "
               "a rerun reuses the images it already drew.", "", "![samples](grid.png)", ""]
     return "\n".join(lines)
 
 
+def _cell(m: dict, ci: dict, key: str) -> str:
+    if key not in m:
+        return "-"
+    digits = 4 if key == "clip_score" else 3
+    text = f"{m[key]:.{digits}f}"
+    if key in ci and ci[key][0] != ci[key][1]:
+        text += f" [{ci[key][0]:.{digits}f}, {ci[key][1]:.{digits}f}]"
+    return text
+
+
+def cli_args(parser) -> None:
+    """Evaluate another student, prompt set or folder than the DVC stage's (a merged student, a wider eval set)."""
+    d = Paths()
+    parser.add_argument("--student", type=Path, default=d.student, help="student pipeline folder")
+    parser.add_argument("--name", default=d.student_name, help="the student's rows: NAME_1 (and NAME_1_tiny)")
+    parser.add_argument("--prompts", type=Path, default=d.eval_prompts,
+                        help="eval prompts (e.g. `python -m src.prepare --eval-only 2000 --out prompts/eval_2000.jsonl`)")
+    parser.add_argument("--images", type=Path, default=d.images, help="image folder (resumable, reused by fingerprint)")
+    parser.add_argument("--reports", type=Path, default=d.reports, help="where metrics.json, intervals.json, "
+                        "README.md and grid.png go")
+
+
 def main(argv: list[str] | None = None) -> None:
-    config, _ = stage_config(__doc__, "evaluate", argv, top_level=("tiny_decoder",))
+    config, args = stage_config(__doc__, "evaluate", argv, extra_args=cli_args, top_level=("tiny_decoder",))
     if config is None:
         return
     tiny = Path(config.tiny_decoder) if config.tiny_decoder else None
-    metrics = evaluate(config.evaluate, config.distill.teacher, Paths(tiny_decoder=tiny))
+    paths = Paths(eval_prompts=args.prompts, student=args.student, images=args.images, reports=args.reports,
+                  tiny_decoder=tiny, student_name=args.name)
+    metrics = evaluate(config.evaluate, config.distill.teacher, paths)
     for name, m in metrics.items():
         print(f"{name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in ("fid", "clip_score", "attribute_accuracy") if k in m))
 

@@ -74,32 +74,57 @@ def folder_stats(folder: Path, model: Callable, *, device: torch.device, image_t
     clean-fid's resize to 299 (world mode keeps the evaluator's own resolution). With `cache`,
     the statistics are stored there with `cache_key` and reused while the key matches.
     """
-    from cleanfid import fid
-
     if cache is not None and cache.is_file():
         stored = np.load(cache)
         if str(stored["key"]) == cache_key:
             return stored["mu"], stored["sigma"]
-    feats = fid.get_folder_features(str(folder), model, num_workers=num_workers, batch_size=batch_size,
-                                    device=device, mode="clean", custom_fn_resize=resize,
-                                    custom_image_tranform=image_transform, description=desc, verbose=False)
-    mu, sigma = np.mean(feats, axis=0), np.cov(feats, rowvar=False)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    mu, sigma = feature_stats(features(files, model, device=device, image_transform=image_transform, resize=resize,
+                                       batch_size=batch_size, num_workers=num_workers, desc=desc))
     if cache is not None:
         with atomic_file(cache, "wb") as f:
             np.savez(f, mu=mu, sigma=sigma, key=np.array(cache_key))
     return mu, sigma
 
 
-def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}  # clean-fid's
+
+
+def features(files: list[Path], model: Callable, *, device: torch.device, image_transform=None, resize=None,
+             batch_size: int = 64, num_workers: int = 0, desc: str = "") -> np.ndarray:
+    """(N, D) features of `files`, in the order given (clean-fid's clean mode)."""
     from cleanfid import fid
 
-    return float(fid.frechet_distance(a[0], a[1], b[0], b[1]))
+    return fid.get_files_features([str(f) for f in files], model, num_workers=num_workers, batch_size=batch_size,
+                                  device=device, mode="clean", custom_fn_resize=resize,
+                                  custom_image_tranform=image_transform, description=desc, verbose=False)
+
+
+def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    import warnings
+
+    from cleanfid import fid
+
+    with warnings.catch_warnings():     # clean-fid passes sqrtm's `disp`, deprecated by SciPy 1.17: once per
+        warnings.simplefilter("ignore", DeprecationWarning)        # resample otherwise (thousands per evaluate)
+        return float(fid.frechet_distance(a[0], a[1], b[0], b[1]))
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of (N, D) features, as clean-fid computes them."""
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def world_features(files: list[Path], clip, batch_size: int = 128) -> np.ndarray:
+    """(N, D) evaluator features of `files`, in that order (images stay at the world resolution)."""
+    return features(files, EvaluatorFeatures(clip), device=torch.device("cpu"), resize=_identity,
+                    batch_size=batch_size)
 
 
 def world_stats(folder: Path, clip, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Feature statistics in the evaluator's space (images stay at the world resolution)."""
-    return folder_stats(folder, EvaluatorFeatures(clip), device=torch.device("cpu"), resize=_identity,
-                        batch_size=batch_size)
+    """Feature statistics in the evaluator's space of every image under `folder`."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return feature_stats(world_features(files, clip, batch_size))
 
 
 def world_fid(gen_dir: Path, ref_dir: Path, clip, batch_size: int = 128) -> float:
@@ -109,6 +134,53 @@ def world_fid(gen_dir: Path, ref_dir: Path, clip, batch_size: int = 128) -> floa
 
 def _identity(x):
     return x
+
+
+# --------------------------------------------------------------------------- confidence intervals
+
+
+def mean_interval(values: np.ndarray, baseline: np.ndarray | None = None, *, resamples: int = 1000,
+                  confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """BCa bootstrap interval (scipy.stats.bootstrap) of a per-prompt mean, NaNs left out (attributes a prompt
+    does not name); with `baseline`, of mean(values) - mean(baseline) on the same resampled prompts (paired).
+    Where every resample agrees (e.g. accuracy 1.0), the interval is that value."""
+    import warnings
+
+    from scipy.stats import bootstrap
+
+    data = (values,) if baseline is None else (values, baseline)
+
+    def statistic(*columns, axis=-1):
+        means = [np.nanmean(c, axis=axis) for c in columns]
+        return means[0] if len(means) == 1 else means[0] - means[1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # all-NaN resamples, degenerate (constant) data: handled below
+        res = bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
+                        confidence_level=confidence, method="BCa", rng=np.random.default_rng(seed))
+        point = float(statistic(*data))
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return point, point
+    return low, high
+
+
+def resampled_interval(statistic: Callable[[np.ndarray], float], n: int, *, resamples: int = 1000,
+                       confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of a set statistic such as FID: `statistic(indices)` on `resamples` resamples of the n
+    prompts (so each image stays paired with its prompt's reference, and two generators with each other), and
+    the percentile spread placed around the full-set value.
+
+    FID of a resampled set is biased up (repeated images shrink its spread: on 500 world prompts the resampled
+    median is ~0.1 above the measured value), so its raw percentiles can miss the measured value altogether, and
+    BCa's bias correction breaks down when no resample falls below it. The spread (quantiles minus the
+    resampled median) is what is kept, recentred on the measured value; lower bounds stay >= 0 for FID itself."""
+    rng = np.random.default_rng(seed)
+    point = float(statistic(np.arange(n)))
+    reps = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)])
+    tail = (1 - confidence) / 2 * 100
+    low, mid, high = np.percentile(reps, [tail, 50, 100 - tail])
+    return point - (mid - low), point + (high - mid)
 
 
 # --------------------------------------------------------------------------- CLIP score
@@ -187,10 +259,14 @@ def load_clip(spec: str, device: torch.device = torch.device("cpu")) -> ClipScor
     return TransformersClip(spec, device)
 
 
+def clip_similarities(scorer: ClipScorer, batches) -> np.ndarray:
+    """Each image's cosine with its own prompt, over (images, prompts) batches."""
+    return np.concatenate([scorer.similarity(images, prompts) for images, prompts in batches])
+
+
 def clip_score(scorer: ClipScorer, batches) -> float:
     """Mean cosine over (images, prompts) batches."""
-    sims = [scorer.similarity(images, prompts) for images, prompts in batches]
-    return float(np.concatenate(sims).mean())
+    return float(clip_similarities(scorer, batches).mean())
 
 
 # --------------------------------------------------------------------------- the world judge
@@ -198,10 +274,18 @@ def clip_score(scorer: ClipScorer, batches) -> float:
 
 def judge(images: np.ndarray, records: list[dict]) -> dict[str, float]:
     """Attribute accuracy (all attributes right, and per attribute) of world images."""
-    from .world import accuracy, read_scene, score
+    return {k: float(np.nanmean(v)) for k, v in judge_per_image(images, records).items()}
 
-    acc = accuracy(score(read_scene(im), r["attributes"]) for im, r in zip(images, records))
-    return {("attribute_accuracy" if k == "all" else f"attribute_accuracy_{k}"): v for k, v in acc.items()}
+
+def judge_per_image(images: np.ndarray, records: list[dict]) -> dict[str, np.ndarray]:
+    """Per image: 1.0 where the judge reads the attribute right, 0.0 where wrong, NaN where the prompt does not
+    name it; keys attribute_accuracy (all named attributes right) and attribute_accuracy_<attribute>."""
+    from .world import read_scene, score
+
+    scores = [score(read_scene(im), r["attributes"]) for im, r in zip(images, records)]
+    keys = sorted({k for s in scores for k in s})
+    return {("attribute_accuracy" if k == "all" else f"attribute_accuracy_{k}"):
+            np.array([float(s[k]) if k in s else np.nan for s in scores]) for k in keys}
 
 
 def file_listing_key(folder: Path, *extra: object) -> str:

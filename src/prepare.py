@@ -352,24 +352,42 @@ def prepare(cfg: PrepareConfig, world: WorldConfig, seed: int, out_dir: Path,
         # Eval first, so that world train prompts can avoid every eval prompt.
         for name, split_cfg, keys in (("eval", cfg.eval, eval_keys), ("train", cfg.train, train_keys)):
             exclude = eval_keys if name == "train" and split_cfg.source == "world" else set()
-            rng = random.Random(derive_seed(seed, "prepare", name))
-            stats = SplitStats(source=split_cfg.source, path=split_cfg.path)
-            items = read_source(split_cfg, world, rng)
-            if split_cfg.source == "world":  # the grammar is endless: bound the attempts
-                items = (it for i, it in enumerate(items) if i < 50 * split_cfg.limit)
             out = stack.enter_context(atomic_file(out_dir / f"{name}.jsonl"))
-            with tqdm(desc=f"prepare {name}", unit=" prompts", total=split_cfg.limit, mininterval=1.0,
-                      disable=None) as progress:
-                _write_split(items, split_cfg, stats, out, split=name, seed=seed, tokenizer=tokenizer,
-                             max_tokens=cfg.max_tokens, exclude=exclude, seen=keys, progress=progress)
-            _check_split(stats, split_cfg, name)
-            results[name] = stats
+            results[name] = write_split(name, split_cfg, world, seed, tokenizer, cfg.max_tokens, out, exclude, keys)
         # Overlap of eval prompts with train is only known once train is read.
         results["eval"].overlap_with_train = len(eval_keys & train_keys)
         if stats_path is not None:
             write_json(stats_path, {name: asdict(results[name]) for name in ("train", "eval")}
                        | {"max_tokens": cfg.max_tokens})
     return results
+
+
+def write_split(name: str, split_cfg: SourceConfig, world: WorldConfig, seed: int, tokenizer, max_tokens: int,
+                out: IO[str], exclude: set[bytes], keys: set[bytes]) -> SplitStats:
+    """One split's prompts from its source (its own seeded stream) into `out`; `keys` collects the kept ones."""
+    rng = random.Random(derive_seed(seed, "prepare", name))
+    stats = SplitStats(source=split_cfg.source, path=split_cfg.path)
+    items = read_source(split_cfg, world, rng)
+    if split_cfg.source == "world":  # the grammar is endless: bound the attempts
+        items = (it for i, it in enumerate(items) if i < 50 * split_cfg.limit)
+    with tqdm(desc=f"prepare {name}", unit=" prompts", total=split_cfg.limit, mininterval=1.0,
+              disable=None) as progress:
+        _write_split(items, split_cfg, stats, out, split=name, seed=seed, tokenizer=tokenizer,
+                     max_tokens=max_tokens, exclude=exclude, seen=keys, progress=progress)
+    _check_split(stats, split_cfg, name)
+    return stats
+
+
+def wider_eval(cfg: PrepareConfig, world: WorldConfig, seed: int, limit: int, out: Path, train: Path) -> SplitStats:
+    """A larger eval set: the eval stream read further, to `limit` prompts. Its first prepare.eval.limit prompts
+    are the stage's eval.jsonl, record for record (same ids and seeds); later ones that are in the training file
+    `train` are skipped, so it stays held out."""
+    if cfg.eval.limit is not None and limit < cfg.eval.limit:
+        raise UserError(f"prepare --eval-only {limit}: expected at least prepare.eval.limit ({cfg.eval.limit})")
+    exclude = {_dedupe_key(r["prompt"]) for r in read_prepared(train)}
+    with atomic_file(out) as f:
+        return write_split("eval", cfg.eval.model_copy(update={"limit": limit}), world, seed,
+                           load_tokenizer(cfg.tokenizer), cfg.max_tokens, f, exclude, set())
 
 
 def read_prepared(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -387,9 +405,19 @@ def main(argv: list[str] | None = None) -> None:
     def outputs(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out-dir", type=Path, default=Path("prompts"), help="where the JSONL files go")
         parser.add_argument("--stats", type=Path, default=Path("reports/prompts.json"), help="stats JSON path")
+        parser.add_argument("--eval-only", type=int, metavar="N", help="write only a wider eval set of N prompts "
+                            "(its first prepare.eval.limit are eval.jsonl's; none in --out-dir/train.jsonl) to --out")
+        parser.add_argument("--out", type=Path, help="--eval-only: the file, e.g. prompts/eval_2000.jsonl")
 
     config, args = stage_config(__doc__, "prepare", argv, outputs)
     if config is None:
+        return
+    if args.eval_only is not None:
+        if args.out is None:
+            raise UserError("prepare --eval-only N: give the file with --out (e.g. prompts/eval_2000.jsonl)")
+        s = wider_eval(config.prepare, config.world, config.seed, args.eval_only, args.out,
+                       args.out_dir / "train.jsonl")
+        print(f"eval: kept {s.kept} of {s.read} read (in train.jsonl, skipped: {s.excluded}) -> {args.out}")
         return
     results = prepare(config.prepare, config.world, config.seed, args.out_dir, args.stats)
     for name, s in results.items():
