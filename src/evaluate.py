@@ -306,7 +306,8 @@ def intervals(measured: dict[str, Measured], fids: dict[str, Callable[[np.ndarra
             out["intervals"][name] = {k: list(mean_interval(v, resamples=cfg.bootstrap, **opts))
                                       for k, v in columns(m).items()}
             if name in fids:
-                out["intervals"][name]["fid"] = list(resampled_interval(fids[name], n, resamples=fid_resamples, **opts))
+                out["intervals"][name]["fid"] = list(resampled_interval(fids[name], n, resamples=fid_resamples,
+                                                                       floor=0.0, **opts))
             bar.update()
         point = {name: point_metrics(m, fids.get(name)) for name, m in measured.items()}
         for name in students:

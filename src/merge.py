@@ -98,7 +98,9 @@ def merge(a: Path, b: Path, lam: float, out: Path) -> Path:
         raise UserError(f"merge: expected one {weights} in each student (sharded UNets are not supported)")
     merged = merge_states(load_file(str(a / weights)), load_file(str(b / weights)), lam)
     with atomic_dir(out) as tmp:
-        shutil.copytree(a, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("diffusion_pytorch_model*"))
+        unet_weights = lambda folder, names: [n for n in names if Path(folder).name == "unet"    # noqa: E731
+                                              and n.startswith("diffusion_pytorch_model")]
+        shutil.copytree(a, tmp, dirs_exist_ok=True, ignore=unet_weights)
         save_file(merged, str(tmp / weights), metadata={"format": "pt"})
         (tmp / "swiftbrush.json").write_text(json.dumps(
             {**meta, "merge": {"lam": lam, "a": str(a), "b": str(b),

@@ -166,7 +166,7 @@ def mean_interval(values: np.ndarray, baseline: np.ndarray | None = None, *, res
 
 
 def resampled_interval(statistic: Callable[[np.ndarray], float], n: int, *, resamples: int = 1000,
-                       confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+                       confidence: float = 0.95, seed: int = 0, floor: float | None = None) -> tuple[float, float]:
     """Bootstrap interval of a set statistic such as FID: `statistic(indices)` on `resamples` resamples of the n
     prompts (so each image stays paired with its prompt's reference, and two generators with each other), and
     the percentile spread placed around the full-set value.
@@ -174,13 +174,14 @@ def resampled_interval(statistic: Callable[[np.ndarray], float], n: int, *, resa
     FID of a resampled set is biased up (repeated images shrink its spread: on 500 world prompts the resampled
     median is ~0.1 above the measured value), so its raw percentiles can miss the measured value altogether, and
     BCa's bias correction breaks down when no resample falls below it. The spread (quantiles minus the
-    resampled median) is what is kept, recentred on the measured value; lower bounds stay >= 0 for FID itself."""
+    resampled median) is what is kept, recentred on the measured value; `floor` bounds it below (FID: 0)."""
     rng = np.random.default_rng(seed)
     point = float(statistic(np.arange(n)))
     reps = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)])
     tail = (1 - confidence) / 2 * 100
     low, mid, high = np.percentile(reps, [tail, 50, 100 - tail])
-    return point - (mid - low), point + (high - mid)
+    low, high = float(point - (mid - low)), float(point + (high - mid))
+    return (low if floor is None else max(low, floor)), high
 
 
 # --------------------------------------------------------------------------- CLIP score

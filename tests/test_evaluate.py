@@ -35,6 +35,20 @@ def test_evaluate_writes_the_generator_table_and_resumes(tmp_path, micro_models,
     assert "| student_1 |" in (paths.reports / "README.md").read_text()
     assert Image.open(paths.reports / "grid.png").size[1] > 3 * 32
 
+    # every metric with its interval; the students against teacher_2 on the same prompts
+    ci = json.loads((paths.reports / "intervals.json").read_text())
+    assert ci["prompts"] == 8 and ci["vs_teacher"]["teacher"] == "teacher_2"
+    for name, m in metrics.items():
+        for k, v in m.items():
+            low, high = ci["intervals"][name][k]
+            assert low <= v + 1e-9 and v - 1e-9 <= high, (name, k, low, v, high)
+    for name in ("student_1", "student_1_tiny"):
+        d = ci["vs_teacher"][name]
+        assert set(d) >= {"fid", "clip_score", "attribute_accuracy"}
+        assert d["fid"]["difference"] == pytest.approx(metrics[name]["fid"] - metrics["teacher_2"]["fid"])
+        assert d["fid"]["interval"][0] <= d["fid"]["difference"] <= d["fid"]["interval"][1]
+    assert "Against teacher_2, paired" in (paths.reports / "README.md").read_text()
+
     # Resume: only the missing image is drawn again, and it comes out identical.
     folder = paths.images / "student_1"
     victim = folder / "000003.png"
@@ -44,6 +58,16 @@ def test_evaluate_writes_the_generator_table_and_resumes(tmp_path, micro_models,
     evaluate(cfg, str(models / "teacher"), paths)
     assert victim.read_bytes() == before
     assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in folder.glob("*.png") if p != victim)
+
+    # another student under another name beside them: the teachers' images are reused, not drawn again
+    teacher_times = {p: p.stat().st_mtime_ns for p in (paths.images / "teacher_2").glob("*.png")}
+    other = evaluate(cfg.model_copy(update={"bootstrap": 0}), str(models / "teacher"),
+                     Paths(eval_prompts=paths.eval_prompts, student=micro_student, images=paths.images,
+                           reports=tmp_path / "rep-other", student_name="other"))
+    assert set(other) == {"teacher_1", "teacher_2", "other_1", "ground_truth"}
+    assert other["other_1"]["fid"] == pytest.approx(metrics["student_1"]["fid"])      # the same student
+    assert all(p.stat().st_mtime_ns == t for p, t in teacher_times.items())
+    assert json.loads((tmp_path / "rep-other" / "intervals.json").read_text()) == {}
 
 
 def test_missing_student_is_named(tmp_path, micro_models, world_prompts):

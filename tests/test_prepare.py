@@ -267,3 +267,24 @@ def test_cli_error_is_one_line(tmp_path, repo):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].endswith("nope.txt: file not found")
     assert "Traceback" not in run.stderr and not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_wider_eval_extends_the_eval_set_and_stays_held_out(tmp_path, tokenizer_dir):
+    from src.prepare import _dedupe_key, read_prepared, wider_eval
+
+    cfg = PrepareConfig(tokenizer=str(tokenizer_dir), train=SourceConfig(limit=50), eval=SourceConfig(limit=20))
+    prepare(cfg, WorldConfig(), 0, tmp_path)
+    wider_eval(cfg, WorldConfig(), 0, 400, tmp_path / "first.jsonl", tmp_path / "train.jsonl")
+    # training prompts that the wider eval stream meets later on
+    later = read_prepared(tmp_path / "first.jsonl")[100:111]
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in later)
+    stats = wider_eval(cfg, WorldConfig(), 0, 400, tmp_path / "wide.jsonl", tmp_path / "train.jsonl")
+    wide = read_prepared(tmp_path / "wide.jsonl")
+    assert len(wide) == 400 and stats.kept == 400
+    assert wide[:20] == read_prepared(tmp_path / "eval.jsonl")          # record for record: ids, seeds, scenes
+    train = {_dedupe_key(r["prompt"]) for r in read_prepared(tmp_path / "train.jsonl")}
+    assert stats.excluded == 11 and not any(_dedupe_key(r["prompt"]) in train for r in wide)
+    assert [r["id"] for r in wide] == list(range(400))
+    with pytest.raises(UserError, match="at least prepare.eval.limit"):
+        wider_eval(cfg, WorldConfig(), 0, 10, tmp_path / "small.jsonl", tmp_path / "train.jsonl")
