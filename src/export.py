@@ -444,13 +444,22 @@ Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their 
 """
 
 
+def cli_args(parser) -> None:
+    """Export another student (e.g. a merged one) than the DVC stage's, to another folder."""
+    d = Paths()
+    parser.add_argument("--student", type=Path, default=d.student, help="student pipeline folder")
+    parser.add_argument("--out", type=Path, default=d.out, help="the artifact folder")
+    parser.add_argument("--reports", type=Path, default=d.reports, help="where metrics.json goes")
+
+
 def main(argv: list[str] | None = None) -> None:
-    config, _ = stage_config(__doc__, "export", argv, top_level=("tiny_decoder",))
+    config, args = stage_config(__doc__, "export", argv, extra_args=cli_args, top_level=("tiny_decoder",))
     if config is None:
         return
-    m = export(config.export, Paths(tiny_decoder=Path(config.tiny_decoder) if config.tiny_decoder else None))
+    m = export(config.export, Paths(student=args.student, out=args.out, reports=args.reports,
+                                    tiny_decoder=Path(config.tiny_decoder) if config.tiny_decoder else None))
     print(f"export: fp32 {m['psnr_fp32']:.1f} dB (max err {m['max_abs_err_fp32']:.1e}), "
-          f"fp16 {m['psnr_fp16']:.1f} dB (max err {m['max_abs_err_fp16']:.1e}); models/onnx written "
+          f"fp16 {m['psnr_fp16']:.1f} dB (max err {m['max_abs_err_fp16']:.1e}); {args.out} written "
           f"(version {m['version']})")
 
 
