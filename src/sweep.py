@@ -5,7 +5,7 @@
     dvc queue status                          # until all are Success
     python -m src.sweep --by seed             # -> reports/distill/seeds.md
 
-Reads `dvc exp show --json` (or a file saved from it, --input). Runs whose other parameters agree form one
+Reads `dvc exp show --json --all-commits` (or a file saved from it, --input). Runs whose other parameters agree form one
 group; each group's table lists every run (a row per value of --by), then mean, standard deviation and range of
 the student's and the teacher's FID, CLIP score and attribute accuracy, and of their difference within each run
 (the teacher is evaluated on the same prompts and seeds as the student in the same run).
@@ -38,8 +38,9 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def runs(show: list) -> list[dict]:
-    """Every workspace / commit / experiment in `dvc exp show --json` output with evaluation metrics:
-    {"name", "params": flat params.yaml, "metrics": reports/eval/metrics.json}."""
+    """Every workspace / commit / finished experiment in `dvc exp show --json` output with evaluation metrics:
+    {"name", "params": flat params.yaml, "metrics": reports/eval/metrics.json}. A queued or running experiment
+    shows its baseline's metrics, so it is left out until it succeeds."""
     found: list[dict] = []
 
     def visit(entry: dict) -> None:
@@ -50,6 +51,9 @@ def runs(show: list) -> list[dict]:
             found.append({"name": entry.get("name") or entry.get("rev") or "?", "params": flatten(params),
                           "metrics": metrics})
         for exp in entry.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state", "success")
+            if state not in ("success", "finished"):      # queued, running or failed: no results of its own
+                continue
             for rev in exp.get("revs") or []:
                 visit(rev)
 
@@ -118,7 +122,8 @@ def report(groups_: list[list[dict]], by: str, student: str, teacher: str) -> st
 
 def exp_show() -> list:
     try:
-        done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True)
+        done = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True,
+                              check=True)      # all commits: experiments queued on an earlier one, and their baselines
     except FileNotFoundError:
         raise UserError("sweep: the dvc command is not installed (pip install -e .)") from None
     except subprocess.CalledProcessError as err:

@@ -25,12 +25,15 @@ def _show():
         {"revs": [_entry("exp-one", 1, 3e-5, 0.30, 0.18, 0.91)]},
         {"revs": [_entry("exp-two", 2, 3e-5, 0.25, 0.17, 0.95)]},
         {"revs": [_entry("exp-lr", 1, 1e-4, 0.90, 0.18, 0.50)]},
-        {"revs": [{"rev": "failed", "name": "failed", "data": {"params": {}, "metrics": {}}}]}]}]
+        {"revs": [{"rev": "failed", "name": "failed", "data": {"params": {}, "metrics": {}}}]},
+        # still running: dvc shows the baseline's metrics under its name
+        {"executor": {"state": "running"}, "revs": [_entry("exp-running", 3, 3e-5, 0.20, 0.16, 0.93)]}]}]
 
 
 def test_groups_by_the_other_parameters_and_summarises():
     found = runs(_show())
     assert {r["name"] for r in found} >= {"workspace", "exp-one", "exp-two", "exp-lr"}
+    assert "exp-running" not in {r["name"] for r in found}
     biggest = groups(found, "seed")[0]
     assert sorted(r["params"]["seed"] for r in biggest) == [0, 1, 2]       # the commit repeats seed 0: once
     s = summary(biggest, "student_1", "teacher_25")
