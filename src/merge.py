@@ -112,7 +112,7 @@ def merge(a: Path, b: Path, lam: float, out: Path) -> Path:
 
 
 def curve(a: Path, b: Path, lams: list[float], work: Path, report: Path, params: str = "params.yaml",
-          overrides: list[str] | None = None) -> list[dict]:
+          overrides: list[str] | None = None, labels: tuple[str, str] | None = None) -> list[dict]:
     """Merge and evaluate at every lam; write the markdown table and the sample grid; return the rows."""
     from .config import load_config
     from .evaluate import Paths, evaluate, load_folder
@@ -140,26 +140,27 @@ def curve(a: Path, b: Path, lams: list[float], work: Path, report: Path, params:
     with atomic_file(report.with_suffix(".png"), "wb") as f:
         grid.save(f, format="PNG")
     with atomic_file(report) as f:
-        f.write(curve_report(rows, a, b, teacher, report.with_suffix(".png").name))
+        f.write(curve_report(rows, labels or (f"`{a}`", f"`{b}`"), teacher, report.with_suffix(".png").name))
     with atomic_file(report.with_suffix(".json")) as f:
         json.dump(rows, f, indent=2)
     return rows
 
 
-def curve_report(rows: list[dict], a: Path, b: Path, teacher: str, grid_name: str) -> str:
+def curve_report(rows: list[dict], labels: tuple[str, str], teacher: str, grid_name: str) -> str:
     from .evaluate import HEADLINE, verdict
 
     first = rows[0]["intervals"]
     lines = [f"# Weight merge: lam * A + (1 - lam) * B", "",
-             f"A = `{a}`, B = `{b}` (lam 1 is A alone, 0 is B alone). Each merge evaluated on the same "
+             f"A = {labels[0]}, B = {labels[1]} (lam 1 is A alone, 0 is B alone). Each merge evaluated on the same "
              f"{first.get('prompts', '?')} eval prompts and seeds as {teacher}; in brackets the "
              f"{first.get('confidence', 0.95):.0%} bootstrap interval over the prompts; the last columns are the "
              f"paired difference from {teacher} (better / worse only where the whole interval says so).", "",
              "| lam | " + " | ".join(HEADLINE.values()) + " | " +
              " | ".join(f"{v} vs teacher" for v in HEADLINE.values()) + " |",
              "|" + "---|" * (1 + 2 * len(HEADLINE))]
-    tm = rows[0]["metrics"][teacher]
-    lines_teacher = ["| " + teacher + " | " + " | ".join(f"{tm[k]:.3f}" for k in HEADLINE) + " |" + " - |" * 3]
+    tm, tci = rows[0]["metrics"][teacher], rows[0]["intervals"].get("intervals", {}).get(teacher, {})
+    lines.append(f"| {teacher} | " + " | ".join(f"{tm[k]:.3f} [{tci[k][0]:.3f}, {tci[k][1]:.3f}]" if k in tci
+                                                 else f"{tm[k]:.3f}" for k in HEADLINE) + " |" + " - |" * 3)
     for r in rows:
         name = next(k for k in r["metrics"] if k.startswith("lam_"))
         m, ci = r["metrics"][name], r["intervals"].get("intervals", {}).get(name, {})
@@ -169,7 +170,7 @@ def curve_report(rows: list[dict], a: Path, b: Path, teacher: str, grid_name: st
                   f"{verdict(k, *vs[k]['interval'])}" if k in vs else "-" for k in HEADLINE]
         lines.append(f"| {r['lam']:g} | " + " | ".join(cells) + " |")
     best = min(rows, key=lambda r: _rank(r, teacher))
-    lines += lines_teacher + ["", f"Best by attribute accuracy, then FID: lam {best['lam']:g}.", "",
+    lines += ["", f"Best by attribute accuracy, then FID: lam {best['lam']:g}.", "",
                               f"![one column per lam]({grid_name})", ""]
     return "\n".join(lines)
 
@@ -203,12 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, default=Path("reports/distill/merge.md"), help="--curve: the table")
     parser.add_argument("--params", default="params.yaml", help="--curve: the evaluate settings")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--labels", nargs=2, metavar=("A", "B"), help="--curve: how the report names A and B")
     args = parser.parse_args(argv)
     if args.lam is not None:
         out = merge(args.a, args.b, args.lam, args.out)
         print(f"merged student (lam {args.lam:g} on {args.a}) -> {out}")
         return
-    rows = curve(args.a, args.b, parse_lams(args.curve), args.work, args.report, args.params, args.overrides)
+    rows = curve(args.a, args.b, parse_lams(args.curve), args.work, args.report, args.params, args.overrides,
+                 tuple(args.labels) if args.labels else None)
     for r in rows:
         name = next(k for k in r["metrics"] if k.startswith("lam_"))
         m = r["metrics"][name]

@@ -48,7 +48,9 @@ def runs(show: list) -> list[dict]:
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
         if params and metrics:
-            found.append({"name": entry.get("name") or entry.get("rev") or "?", "params": flatten(params),
+            name = entry.get("name") or entry.get("rev") or "?"
+            name = name[:7] if len(name) == 40 and all(c in "0123456789abcdef" for c in name) else name   # a commit
+            found.append({"name": name, "params": flatten(params),
                           "metrics": metrics})
         for exp in entry.get("experiments") or []:
             state = (exp.get("executor") or {}).get("state", "success")
