@@ -295,7 +295,7 @@ def intervals(measured: dict[str, Measured], fids: dict[str, Callable[[np.ndarra
     the same resampled prompts (paired: what says whether it is better, level or worse). Per-prompt means: BCa;
     FID: the resampled spread around the measured value (src/metrics.py, resampled_interval)."""
     n = len(next(iter(measured.values())).clip)
-    fid_resamples = min(cfg.bootstrap, 100) if cfg.mode == "coco" else cfg.bootstrap   # COCO: 2048-d roots
+    fid_resamples = cfg.coco.fid_resamples if cfg.mode == "coco" else cfg.bootstrap   # COCO: 2048-d roots
     opts = {"confidence": cfg.confidence, "seed": 0}
     out: dict = {"confidence": cfg.confidence, "resamples": cfg.bootstrap, "fid_resamples": fid_resamples,
                  "prompts": n, "intervals": {}, "vs_teacher": {"teacher": teacher}}
@@ -305,7 +305,7 @@ def intervals(measured: dict[str, Measured], fids: dict[str, Callable[[np.ndarra
         for name, m in measured.items():
             out["intervals"][name] = {k: list(mean_interval(v, resamples=cfg.bootstrap, **opts))
                                       for k, v in columns(m).items()}
-            if name in fids:
+            if name in fids and fid_resamples:
                 out["intervals"][name]["fid"] = list(resampled_interval(fids[name], n, resamples=fid_resamples,
                                                                        floor=0.0, **opts))
             bar.update()
@@ -315,7 +315,7 @@ def intervals(measured: dict[str, Measured], fids: dict[str, Callable[[np.ndarra
             diff = {k: {"difference": point[name][k] - point[teacher][k],
                         "interval": list(mean_interval(v, base[k], resamples=cfg.bootstrap, **opts))}
                     for k, v in columns(measured[name]).items() if k in base}
-            if name in fids and teacher in fids:
+            if name in fids and teacher in fids and fid_resamples:
                 f, g = fids[name], fids[teacher]
                 diff["fid"] = {"difference": point[name]["fid"] - point[teacher]["fid"],
                                "interval": list(resampled_interval(lambda i: f(i) - g(i), n,
@@ -386,7 +386,9 @@ def report(metrics: dict, uncertainty: dict, n: int, cfg: EvaluateConfig, clip_n
     if ci:
         intro += (f" In brackets: {cfg.confidence:.0%} bootstrap interval ({cfg.bootstrap} resamples of the {n} "
                   "prompts, BCa; FID resamples each image with the reference of its own prompt"
-                  + ("" if cfg.mode == "world" else "; COCO FID: percentile, against the fixed val2014 statistics")
+                  + ("" if cfg.mode == "world" else
+                     f"; COCO FID: {cfg.coco.fid_resamples} resamples against the fixed val2014 statistics"
+                     if cfg.coco.fid_resamples else "; COCO FID: no interval (evaluate.coco.fid_resamples: 0)")
                   + "). Intervals come from this prompt set and these seeds; a retrained student moves by more "
                   "(reports/distill/seeds.md).")
     keys = [k for k in HEADLINE if any(k in m for m in metrics.values())]
@@ -410,9 +412,11 @@ def report(metrics: dict, uncertainty: dict, n: int, cfg: EvaluateConfig, clip_n
         for name, diffs in versus.items():
             cells = []
             for k in keys:
-                d = diffs[k]
-                low, high = d["interval"]
-                cells.append(f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {verdict(k, low, high)}")
+                if k not in diffs:               # COCO FID without resamples
+                    cells.append(f"{metrics[name][k] - metrics[teacher][k]:+.3f}" if k in metrics[name] else "-")
+                    continue
+                low, high = diffs[k]["interval"]
+                cells.append(f"{diffs[k]['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {verdict(k, low, high)}")
             lines.append("| " + " | ".join([name, *cells]) + " |")
     lines += ["", "Generation speed is measured by `python -m src.bench` (reports/bench/README.md), not here: "
               "a rerun reuses the images it already drew.", "", "![samples](grid.png)", ""]

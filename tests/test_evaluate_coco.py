@@ -87,6 +87,10 @@ def test_coco_mode_end_to_end(tmp_path, coco, micro_models, micro_student):
     assert "COCO-30K" in readme and "transformers:evaluator" in readme and "| student_1 |" in readme
     grid = Image.open(paths.reports / "grid.png")
     assert grid.size[1] > 3 * 256                                # reference column + 3 rows at 256 px
+    # CLIP score has its interval; FID has none unless evaluate.coco.fid_resamples asks (2048-d roots each)
+    ci = json.loads((paths.reports / "intervals.json").read_text())
+    assert set(ci["intervals"]["student_1"]) == {"clip_score"} and ci["fid_resamples"] == 0
+    assert set(ci["vs_teacher"]["student_1"]) == {"clip_score"} and "no interval" in readme
 
     # Reference statistics are cached next to the images and reused while the folder is unchanged
     # (checked on the cache directly: each FID costs a 2048 x 2048 matrix square root).
