@@ -244,7 +244,7 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     fids = {name: fid_statistic(m.features, reference_stats) for name, m in measured.items() if m.features is not None}
     metrics = {name: point_metrics(m, fids.get(name)) for name, m in measured.items()}
     teacher_n = f"teacher_{cfg.teacher_steps}"
-    uncertainty = intervals(measured, fids, teacher_n, cfg) if cfg.bootstrap else {}
+    uncertainty = intervals(measured, fids, metrics, teacher_n, cfg) if cfg.bootstrap else {}
 
     write_json(paths.reports / "metrics.json", metrics)
     write_json(paths.reports / "intervals.json", uncertainty)
@@ -289,8 +289,8 @@ def columns(m: Measured) -> dict[str, np.ndarray]:
     return {"clip_score": m.clip, **m.judge}
 
 
-def intervals(measured: dict[str, Measured], fids: dict[str, Callable[[np.ndarray], float]], teacher: str,
-              cfg: EvaluateConfig) -> dict:
+def intervals(measured: dict[str, Measured], fids: dict[str, Callable[[np.ndarray], float]], point: dict,
+              teacher: str, cfg: EvaluateConfig) -> dict:
     """Bootstrap intervals over the prompts of every metric, and of each student's difference from `teacher` on
     the same resampled prompts (paired: what says whether it is better, level or worse). Per-prompt means: BCa;
     FID: the resampled spread around the measured value (src/metrics.py, resampled_interval)."""
@@ -309,7 +309,6 @@ def intervals(measured: dict[str, Measured], fids: dict[str, Callable[[np.ndarra
                 out["intervals"][name]["fid"] = list(resampled_interval(fids[name], n, resamples=fid_resamples,
                                                                        floor=0.0, **opts))
             bar.update()
-        point = {name: point_metrics(m, fids.get(name)) for name, m in measured.items()}
         for name in students:
             base = columns(measured[teacher])
             diff = {k: {"difference": point[name][k] - point[teacher][k],

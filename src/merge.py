@@ -18,7 +18,6 @@ teacher on the same prompts, goes to --report, with a sample grid (one column pe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, run_cli
-from .fileio import atomic_dir, atomic_file, hash_file
+from .fileio import atomic_dir, atomic_file
 
 SHARED_PARTS = ("text_encoder", "vae", "tokenizer")     # must be the same teacher's in A and B
 
@@ -46,16 +45,10 @@ def read_student(folder: Path) -> dict:
     return json.loads(marker.read_text())
 
 
-def part_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode())
-        hash_file(h, f)
-    return h.hexdigest()
-
-
 def check_pair(a: Path, b: Path) -> dict:
     """Both students' swiftbrush.json after checking that they can be merged (one clear error otherwise)."""
+    from .evaluate import tree_digest
+
     meta_a, meta_b = read_student(a), read_student(b)
     if meta_a.get("timestep") != meta_b.get("timestep"):
         raise UserError(f"merge: the students were trained at different student timesteps ({a}: "
@@ -67,7 +60,7 @@ def check_pair(a: Path, b: Path) -> dict:
         raise UserError(f"merge: {a} and {b} have different UNets (config keys {', '.join(differ)})")
     for part in SHARED_PARTS:
         if (a / part).is_dir() != (b / part).is_dir() or \
-                ((a / part).is_dir() and part_digest(a / part) != part_digest(b / part)):
+                ((a / part).is_dir() and tree_digest(a / part) != tree_digest(b / part)):
             raise UserError(f"merge: {a}/{part} and {b}/{part} differ: both students must come from the same teacher")
     return meta_a
 

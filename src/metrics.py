@@ -273,11 +273,6 @@ def clip_score(scorer: ClipScorer, batches) -> float:
 # --------------------------------------------------------------------------- the world judge
 
 
-def judge(images: np.ndarray, records: list[dict]) -> dict[str, float]:
-    """Attribute accuracy (all attributes right, and per attribute) of world images."""
-    return {k: float(np.nanmean(v)) for k, v in judge_per_image(images, records).items()}
-
-
 def judge_per_image(images: np.ndarray, records: list[dict]) -> dict[str, np.ndarray]:
     """Per image: 1.0 where the judge reads the attribute right, 0.0 where wrong, NaN where the prompt does not
     name it; keys attribute_accuracy (all named attributes right) and attribute_accuracy_<attribute>."""
