@@ -110,6 +110,9 @@ class DistillConfig(Section):
         "float32", description="dtype of the frozen text encoder and VAE (bfloat16 halves their memory)")
     steps: int = Field(1000, ge=1, description="optimisation steps (paper: ~244k at batch 16 x 8 GPUs)")
     batch_size: int = Field(16, ge=1, le=4096, description="prompts per step per process (paper: 16)")
+    processes: int = Field(1, ge=1, le=1024, description="processes that train together (DDP; paper: 8 GPUs); the "
+                           "global batch is processes x batch_size. `python -m src.distill` starts them: one per GPU, "
+                           "or on a CPU-only machine sharing its cores (gloo on loopback)")
     lora_lr: float = Field(1e-3, gt=0.0, le=1.0, description="LoRA-teacher Adam lr (paper: 1e-3)")
     lora_rank: int = Field(64, ge=1, le=1024, description="LoRA rank (paper: 64)")
     lora_alpha: float = Field(108.0, gt=0.0, description="LoRA alpha (paper: 108)")

@@ -2,7 +2,7 @@
 
     python -m src.distill                 # as the DVC stage `distill` runs it
     python -m src.distill --dry-run       # print the resolved `distill` section (+ lr) and exit
-    accelerate launch --num_processes 2 -m src.distill   # several processes (DDP)
+    python -m src.distill --set distill.processes=2      # two processes that train together (DDP)
 
 Student = a copy of the teacher UNet, fed pure noise labelled t = T-1 (the paper) or
 `student_timestep` (src/onestep.py). Each step: (1) the student
@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from . import checkpoint
 from .config import DistillConfig, stage_config
 from .errors import UserError, run_cli
 from .fileio import atomic_dir, write_json
+from .launch import launched_world, spawn
 from .onestep import decode, generate, initial_noise, one_step_scheduler, student_timestep, student_x0
 from .prepare import derive_seed, read_prepared
 from .teacher import alphas_cumprod, encode_prompts, frozen_parts, load_pipeline, load_tiny_decoder
@@ -165,7 +167,12 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
     from accelerate import Accelerator
     from peft import LoraConfig
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if acc.num_processes != cfg.processes:
+        raise UserError(f"distill.processes is {cfg.processes}, but this run has {acc.num_processes} process(es) "
+                        f"(accelerate launch / torchrun); set --set distill.processes={acc.num_processes}, or start "
+                        f"it as `python -m src.distill`, which starts distill.processes itself. The global batch is "
+                        f"processes x batch_size")
     device = acc.device
     prompts = [r["prompt"] for r in read_prepared(paths.train_prompts)]
     val_records = read_prepared(paths.eval_prompts, cfg.val_prompts) if paths.eval_prompts.is_file() else []
@@ -649,6 +656,11 @@ def validate(pipe, student, records: list[dict], abar: torch.Tensor, timestep: i
 def main(argv: list[str] | None = None) -> None:
     config, _ = stage_config(__doc__, "distill", argv, top_level=("lr", "tiny_decoder"))
     if config is None:
+        return
+    if config.distill.processes > 1 and launched_world() == 1:
+        code = spawn("src.distill", sys.argv[1:] if argv is None else argv, config.distill.processes)
+        if code:
+            sys.exit(code)          # each process printed its own error
         return
     tiny = Path(config.tiny_decoder) if config.tiny_decoder else None
     result = distill(config.distill, config.lr, config.seed, Paths(tiny_decoder=tiny))

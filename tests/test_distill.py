@@ -298,19 +298,39 @@ def test_teacher_folder_errors(tmp_path, micro_models):
 
 
 def test_two_processes_keep_identical_student_weights(tmp_path, micro_models, world_prompts):
-    """DDP over gloo on 2 CPU processes (torchrun + ACCELERATE_USE_CPU): ranks end in sync."""
+    """`python -m src.distill --set distill.processes=2` starts two processes that train together (DDP over gloo
+    on the CPU): both ranks take part and end with the same weights, and the run ships one student."""
     models, _ = micro_models
     ws = _workspace(tmp_path / "ddp", models, world_prompts)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TQDM_DISABLE": "1",
-           "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "src.distill", "--params", str(ws / "params.yaml"), "--set", "distill.steps=3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "src.distill", "--params", str(ws / "params.yaml"), "--set", "distill.steps=3",
+           "--set", "distill.processes=2"]
     run = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d+): student digest ([-+0-9.e]+)", run.stdout))
     assert set(digests) == {"0", "1"}, run.stdout
     assert digests["0"] == digests["1"]
     assert (ws / "models" / "student" / "model_index.json").is_file()
+
+
+def test_a_launch_with_another_process_count_is_refused_by_name(tmp_path, micro_models, world_prompts, monkeypatch):
+    """Under a launcher (torchrun / accelerate launch), distill.processes must match its count: the global batch
+    it records is processes x batch_size."""
+    models, _ = micro_models
+    cfg = DistillConfig(teacher=str(models / "teacher"), processes=2, **FAST)
+    with pytest.raises(UserError, match=r"distill.processes is 2, but this run has 1 process"):
+        distill(cfg, 1e-4, 0, _paths(tmp_path, world_prompts))
+
+
+def test_worker_environment_joins_the_processes_on_loopback():
+    from src.launch import worker_env
+
+    env = worker_env({"PATH": "/bin"}, 1, 2, 29500, cuda=False, cores=2)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
+        ("1", "1", "2", "127.0.0.1", "29500")
+    assert env["ACCELERATE_USE_CPU"] == "true" and env["OMP_NUM_THREADS"] == "1" and env["TQDM_DISABLE"] == "1"
+    assert worker_env({"OMP_NUM_THREADS": "3"}, 0, 2, 1, cuda=False, cores=8)["OMP_NUM_THREADS"] == "3"
+    assert "ACCELERATE_USE_CPU" not in worker_env({}, 0, 2, 1, cuda=True, cores=8)
 
 
 LORA = dict(FAST, student="lora", student_lora_rank=4, student_lora_alpha=8, val_every=100)

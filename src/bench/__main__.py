@@ -158,7 +158,7 @@ def bench_distill(steps: int) -> dict:
     from ..distill import Paths, distill
 
     cfg = load_config()
-    d = cfg.distill.model_copy(update={"steps": steps, "val_every": 10**9, "checkpoint_every": 10**9})
+    d = cfg.distill.model_copy(update={"steps": steps, "val_every": 10**9, "checkpoint_every": 10**9, "processes": 1})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         r = distill(d, cfg.lr, cfg.seed, Paths(eval_prompts=tmp / "none.jsonl", checkpoints=tmp / "ck",

@@ -38,7 +38,7 @@ class Variant:
 
         self.overrides = overrides
         self.config = load_config(overrides=overrides)
-        self.cfg = self.config.distill
+        self.cfg = self.config.distill.model_copy(update={"processes": 1})   # one process's step
         paths = D.Paths(eval_prompts=tmp / "none.jsonl", checkpoints=tmp / "ck", student=tmp / "student",
                         reports=tmp / "rep",
                         tiny_decoder=Path(self.config.tiny_decoder) if self.config.tiny_decoder else None)
