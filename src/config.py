@@ -242,6 +242,8 @@ class ServeConfig(Section):
     watch_interval_s: float = Field(1.0, gt=0.0, le=3600.0,
                                     description="with --production: how often the promoted model is checked")
     threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads (0 = one per core)")
+    workers: int = Field(1, ge=1, le=64, description="CPU: each batch is split over this many concurrent ONNX "
+                         "Runtime calls, the cores shared out among them (same images; 2 on 2 cores: ~1.2x images/s)")
 
     @model_validator(mode="after")
     def _n_fits_a_batch(self) -> "ServeConfig":

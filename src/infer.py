@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import numpy as np
 from . import manifest
 from .errors import UserError, run_cli
 from .fileio import atomic_file, read_json
+from .launch import cpu_cores
 from .noise import initial_noise
 from .text import normalize_counted
 
@@ -42,9 +43,22 @@ class Artifact:
     version: str = ""
     folder: Path | None = None
     io_binding: bool = False          # on CUDA: inputs bound once, the output allocated by ONNX Runtime on the device
+    workers: int = 1                  # on CPU: a batch is split over this many concurrent calls (see load_artifact)
+    _pool: object = field(default=None, repr=False)
 
     def run(self, ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """images (B, 3, H, W) float32 in [0, 1] for token ids and initial noise."""
+        if self.workers > 1 and len(ids) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnx-worker")
+            parts = np.array_split(np.arange(len(ids)), min(self.workers, len(ids)))
+            futures = [self._pool.submit(self._run, ids[p[0]:p[-1] + 1], noise[p[0]:p[-1] + 1]) for p in parts]
+            return np.concatenate([f.result() for f in futures])
+        return self._run(ids, noise)
+
+    def _run(self, ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
         if not self.io_binding:
             return self.session.run(["images"], {"input_ids": ids, "noise": noise})[0]
         device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -116,10 +130,15 @@ def open_session(graph: Path, precision: str, provider: str, optimization: str, 
 
 
 def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto", optimization: str = "all",
-                  threads: int = 0) -> Artifact:
+                  threads: int = 0, workers: int = 1) -> Artifact:
     """Open an export folder, verified against its manifest first. `optimization`: ONNX Runtime graph
     optimisation level (disable, basic, extended, all); `threads`: intra-op threads on CPU (0 = ONNX
-    Runtime's default, one per core). Every problem with the folder is one UserError naming the file."""
+    Runtime's default, one per core; with `workers`, the cores shared out). `workers` (CPU): a batch is split
+    into this many parts that run at once on one session, each part on its own threads (the images are the
+    same; on a 2-core machine two one-thread workers draw ~1.2-1.3x the images per second of one call on both
+    cores: reports/bench). Every problem with the folder is one UserError naming the file."""
+    if workers < 1:
+        raise UserError(f"workers: expected a positive integer, got {workers}")
     folder = Path(folder)
     graph = folder / precision / "model.onnx"
     missing = [p for p in (graph, folder / "tokenizer.json", folder / "onestep.json") if not p.is_file()]
@@ -129,14 +148,18 @@ def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto",
     version = manifest.verify(folder, ["onestep.json", "tokenizer.json", f"{precision}/"])["version"]
     contract = read_contract(folder / "onestep.json")
     tokenizer = read_tokenizer(folder / "tokenizer.json")
+    if workers > 1 and not threads:
+        threads = max(1, cpu_cores() // workers)
     session = open_session(graph, precision, provider, optimization, threads)
     declared = session.get_inputs()[1].shape[1:]
     if all(isinstance(d, int) for d in declared) and list(declared) != list(contract["latent_shape"]):
         raise UserError(f"{graph}: takes noise of shape {declared}, but {folder / 'onestep.json'} says "
                         f"{contract['latent_shape']}; the files come from different exports, re-export")
     used = session.get_providers()[0]
-    return Artifact(session, tokenizer, contract, used, precision, version, folder,
-                    io_binding=used == "CUDAExecutionProvider")
+    on_cuda = used == "CUDAExecutionProvider"
+    return Artifact(session, tokenizer, contract, used, precision, version, folder, io_binding=on_cuda,
+                    workers=1 if on_cuda else workers)
+
 
 
 def tokenize(tokenizer, contract: dict, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -262,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="which graph: fp32 (default) or fp16 (meant for GPUs)")
     parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                         help="ONNX Runtime device: auto = CUDA when usable, else CPU (default)")
+    parser.add_argument("--workers", type=positive_int, default=1,
+                        help="CPU: split each batch over N concurrent calls sharing the cores (default 1)")
     args = parser.parse_args(argv)
 
     prompts = read_prompts(args)
@@ -271,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     files = output_paths(args.out, prompts, seeds)
 
     t0 = time.perf_counter()
-    art = load_artifact(Path(args.model), args.precision, args.provider)
+    art = load_artifact(Path(args.model), args.precision, args.provider, workers=args.workers)
     t_load = time.perf_counter() - t0
     print(f"model {args.model} ({args.precision}) on {art.provider}, loaded in {t_load:.2f} s", file=sys.stderr)
     t1 = time.perf_counter()

@@ -25,6 +25,11 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -54,7 +59,7 @@ def spawn(module: str, argv: list[str], processes: int) -> int:
     if cuda and torch.cuda.device_count() < processes:
         raise UserError(f"distill.processes is {processes}, but this machine has {torch.cuda.device_count()} "
                         f"GPU(s); one process per GPU")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", module, *argv],
                               env=worker_env(dict(os.environ), rank, processes, port, cuda, cores))

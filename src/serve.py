@@ -284,9 +284,9 @@ class Batcher:
 # --------------------------------------------------------------------------- models and swaps
 
 
-def load_model(folder: Path, precision: str, provider: str, threads: int) -> Artifact:
+def load_model(folder: Path, precision: str, provider: str, threads: int, workers: int = 1) -> Artifact:
     """Verify, load and warm up an artifact (a first call allocates what later calls reuse)."""
-    art = load_artifact(folder, precision, provider, threads=threads)
+    art = load_artifact(folder, precision, provider, threads=threads, workers=workers)
     ids, _ = tokenize(art.tokenizer, art.contract, ["warm-up"])
     art.run(ids, initial_noise([0], tuple(art.contract["latent_shape"])))
     return art
@@ -325,7 +325,7 @@ class Service:
         """Load `folder` beside the serving model and swap it in; refuse (and log) a bad one."""
         try:
             art = await asyncio.get_running_loop().run_in_executor(
-                None, load_model, folder, self.precision, self.provider, self.cfg.threads)
+                None, load_model, folder, self.precision, self.provider, self.cfg.threads, self.cfg.workers)
         except Exception as err:                           # UserError from verification, or anything else
             self.metrics.swaps.labels("refused").inc()
             log.error("refused the model at %s, still serving %s: %s", folder,
@@ -543,7 +543,8 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("nothing promoted at %s yet; /readyz stays 503 until a promotion arrives", folder)
     else:
         t0 = time.perf_counter()
-        service.install(load_model(args.model or Path("models/onnx"), args.precision, args.provider, cfg.threads))
+        service.install(load_model(args.model or Path("models/onnx"), args.precision, args.provider, cfg.threads,
+                                          cfg.workers))
         log.info("loaded and warmed up in %.2f s", time.perf_counter() - t0)
     import uvicorn
 

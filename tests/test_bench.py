@@ -81,3 +81,25 @@ def test_headlines_compare_like_with_like_and_pick_the_best_artifact():
     assert h["ort_vs_torch_speedup_tiny_b1"] == pytest.approx(2.5)
     assert h["speedup_torch_student_vs_torch_teacher_25"] == pytest.approx(32.0)
     assert h["speedup_onnx_fp32_tiny_vs_torch_teacher_25"] == pytest.approx(50.0)
+
+
+def test_split_runs_are_compared_with_split_runs_and_never_named_the_best_artifact():
+    from src.bench.__main__ import headlines
+
+    def row(b, ips):
+        return {"batch": b, "latency_s": b / ips, "images_per_s": ips}
+
+    inf = {"onnx_fp32_b64": row(64, 400.0), "onnx_fp32_tiny_b64": row(64, 500.0), "torch_student_b64": row(64, 320.0),
+           "torch_student_tiny_b64": row(64, 400.0), "teacher_25_b64": row(64, 10.0),
+           "onnx_fp32_w2_b64": row(64, 480.0), "onnx_fp32_tiny_w2_b64": row(64, 600.0),
+           "torch_student_w2_b64": row(64, 400.0), "torch_student_tiny_w2_b64": row(64, 480.0),
+           "teacher_25_w2_b64": row(64, 13.0),
+           "onnx_fp32_b1": row(1, 200.0), "onnx_fp32_tiny_b1": row(1, 250.0), "torch_student_b1": row(1, 50.0),
+           "torch_student_tiny_b1": row(1, 100.0), "teacher_25_b1": row(1, 2.5)}
+    h = headlines(inf, 64, 25)
+    assert h["best_one_step_artifact"] == "onnx_fp32_tiny" and h["speedup_one_step_vs_teacher_25"] == pytest.approx(50)
+    assert h["speedup_onnx_fp32_tiny_w2_vs_torch_teacher_25_w2"] == pytest.approx(600 / 13)   # split against split
+    assert h["ort_vs_torch_speedup_w2"] == pytest.approx(1.2)
+    assert h["ort_vs_torch_speedup_tiny_w2"] == pytest.approx(1.25)
+    assert h["workers_gain"]["teacher_25"] == pytest.approx(1.3)
+    assert h["workers_gain"]["onnx_fp32_tiny"] == pytest.approx(1.2)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,24 @@ def test_onnx_images_match_the_pytorch_student_for_the_same_seeds(onnx_dir, micr
     plain = load_artifact(folder, "fp32", "cpu", optimization="disable", threads=1)
     same = np.stack([img for _, img in generate(plain, PROMPTS, seeds, batch_size=3)])
     assert np.abs(same.astype(int) - got.astype(int)).max() <= 1
+    # Workers split a batch into parts that run at once, each on its own thread: the same images.
+    split = load_artifact(folder, "fp32", "cpu", workers=2)
+    calls = []
+
+    class Recording:              # the real session, with each call's batch and thread noted
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feed):
+            calls.append((len(feed["noise"]), threading.current_thread().name))
+            return self.session.run(names, feed)
+
+    split.session = Recording(split.session)
+    parts = np.stack([img for _, img in generate(split, PROMPTS, seeds, batch_size=3)])
+    assert np.array_equal(parts, got)
+    assert sorted(n for n, _ in calls) == [1, 2] and all(t.startswith("onnx-worker") for _, t in calls)
+    with pytest.raises(UserError, match="workers: expected a positive integer"):
+        load_artifact(folder, "fp32", "cpu", workers=0)
 
 
 def test_tokenization_matches_the_pipeline_and_truncates_like_diffusers(onnx_dir, micro_student):
