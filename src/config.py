@@ -210,9 +210,11 @@ class ExportConfig(Section):
                               "by PyTorch: it warns on every export); reports/bench/onnx_exporter*.md")
     decoder: Literal["vae", "tiny"] = Field(
         "vae", description="the artifact's decoder: vae (the teacher's) or tiny (the top-level tiny_decoder)")
-    fuse: Literal["none", "cuda"] = Field(
-        "none", description="cuda: the fp16 graph gets ONNX Runtime's Stable Diffusion fusions (GroupNorm, NhwcConv, "
-                            "SkipLayerNorm, ...: CUDA-only kernels), parity-checked on a GPU; none: the portable graph")
+    fuse: Literal["none", "ort", "cuda"] = Field(
+        "none", description="ort: both graphs get ONNX Runtime's contrib attention operators (MultiHeadAttention, "
+                            "Attention, Gelu: CPU and CUDA kernels); cuda: the fp16 graph gets ONNX Runtime's Stable "
+                            "Diffusion fusions (GroupNorm, NhwcConv, SkipLayerNorm, ...: CUDA-only kernels), "
+                            "parity-checked on a GPU; none: the plain graph, for any ONNX runtime")
     parity_prompts: int = Field(16, ge=1, le=4096, description="eval prompts used for the parity check")
     min_psnr_fp32: float = Field(40.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")
     min_psnr_fp16: float = Field(30.0, ge=0.0, description="export fails below this PSNR (dB) vs PyTorch")

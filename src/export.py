@@ -19,13 +19,18 @@ last, `manifest.json`: the SHA-256 and size of every file and the artifact's ver
 
 fp16: the fp32 graph converted by ONNX Runtime's float16 tool with float32 inputs/outputs;
 ops whose half-precision version is numerically unsafe or has no kernel (the timestep
-embedding's Sin/Cos/Exp, normalisations' reductions, Resize) stay float32. The graph is
-not fused with ORT's Stable Diffusion operators (they have no CPU kernel), so both
-artifacts load and run on the CPU provider as well as on CUDA.
+embedding's Sin/Cos/Exp, normalisations' reductions, Resize) stay float32.
+
+export.fuse: ort (the world's params.yaml) replaces every attention by ONNX Runtime's contrib
+MultiHeadAttention / Attention operators and erf-GELU by Gelu (fuse_ort; CPU and CUDA kernels);
+none leaves the plain ONNX graph; cuda adds ORT's Stable Diffusion fusions, whose operators
+have CUDA kernels only (fuse_cuda). With none or ort both artifacts load and run on the CPU
+provider as well as on CUDA.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import gc
 import json
@@ -123,10 +128,19 @@ def export_fp32(pipe, path: Path, opset: int, exporter: str = "torchscript") -> 
 def strip_debug_info(model):
     """Drop what the dynamo exporter records per node for debugging: the Python stack trace (with the absolute
     paths of this checkout) and module scopes. Without it the graph's bytes depend only on the model, so two
-    checkouts export the same artifact version."""
+    checkouts export the same artifact version. Each node's module scope goes into its name first, as the
+    TorchScript exporter names nodes (`/unet/time_embedding/linear_1/node_linear_12`; the generator's own glue
+    `/node_sqrt`): the float16 conversion keeps nodes float32 by these names (fp32_node)."""
     for node in model.graph.node:
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == SCOPES), None)
+        if scopes is not None:
+            module = scopes[-2] if len(scopes) > 1 else ""     # the innermost module; the last entry is the op
+            node.name = "/" + (module.replace(".", "/") + "/" if module else "") + node.name
         del node.metadata_props[:]
     return model
+
+
+SCOPES = "pkg.torch.onnx.name_scopes"        # the dynamo exporter's per-node module path (a Python list literal)
 
 
 def consolidate(raw: Path, path: Path) -> None:
@@ -178,6 +192,7 @@ def export_fp16(fp32: Path, path: Path) -> None:
     model.remove_useless_cast_nodes()
     drop_duplicate_casts(model.model.graph)
     model.topological_sort()      # the converter appends its input casts after their consumers
+    del model.model.graph.value_info[:]    # the float32 types given to the converter; stale where it converted
     _save(model.model, path)
 
 
@@ -205,6 +220,42 @@ def fuse_cuda(fp32: Path, path: Path) -> dict[str, int]:
     big = tensor_bytes(model.model) > TWO_GB
     model.save_model_to_file(str(path), use_external_data_format=big, all_tensors_to_one_file=True)
     return fused
+
+
+def fuse_ort(path: Path) -> dict[str, int]:
+    """In place: ONNX Runtime's contrib attention operators, by onnxscript's ORT fusions. Each
+    scaled-dot-product attention of the UNet and the decoder becomes one MultiHeadAttention, the text
+    encoder's masked self-attention with its projections one Attention, erf-GELU one Gelu. These
+    operators have CPU and CUDA kernels, so the graph stays runnable on both providers (ONNX Runtime
+    only). Returns how many of each fusion applied (none on graphs whose pattern differs)."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter.ort_fusions import attention, erfgelu, mha, mha_bias, sdpa, shape_optimization
+
+    model = ir.load(str(path))
+    common_passes.ShapeInferencePass()(model)         # the attention patterns match on known ranks and shapes
+    optimize(model)
+    shape_optimization.rules.apply_to_model(model)
+    optimize(model)
+    counts = {"gelu": erfgelu.fuse_erfgelu(model), "sdpa": sdpa.fuse_sdpa(model, apply_shape_inference=True)}
+    counts["multi_head_attention"] = mha.fuse_mha2(model) + mha.fuse_mha1(model)
+    if counts["multi_head_attention"]:
+        counts["mha_bias"] = mha_bias.fuse_mha_bias(model)
+        counts["attention"] = attention.fuse_attention(model)
+    optimize(model)
+    counts.pop("sdpa")                                # an intermediate step: MultiHeadAttention consumes them
+    big = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+              if v.const_value is not None) > TWO_GB - 64 * 1024**2
+    # written beside, then moved over: the weights may still be read lazily from the old data file
+    staging = path.parent / ".fused"
+    staging.mkdir()
+    ir.save(model, str(staging / path.name), external_data=path.name + ".data" if big else None)
+    del model
+    for f in staging.iterdir():
+        f.replace(path.parent / f.name)
+    staging.rmdir()
+    return {k: int(v) for k, v in counts.items() if v}
 
 
 def cuda_usable() -> bool:
@@ -362,13 +413,14 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
         (tmp / "onestep.json").write_text(json.dumps(c, indent=2) + "\n")
         del pipe                      # the PyTorch weights: gone before the fp16 graph and the sessions load
         gc.collect()
+        t_fuse = time.perf_counter()
+        fused = fuse_ort(files["fp32"]) if cfg.fuse == "ort" else {}
         t_fp16 = time.perf_counter()
-        fused = {}
         if cfg.fuse == "cuda":
             fused = fuse_cuda(files["fp32"], files["fp16"])
         else:
             export_fp16(files["fp32"], files["fp16"])
-        timings = {"export_fp32_s": round(t_fp16 - t0, 1), "convert_fp16_s": round(time.perf_counter() - t_fp16, 1)}
+        timings = {"export_fp32_s": round(t_fuse - t0, 1), "fuse_s": round(t_fp16 - t_fuse, 1), "convert_fp16_s": round(time.perf_counter() - t_fp16, 1)}
         metrics = parity(files, ids, noise, ref, {"fp16": cfg.fuse} if cfg.fuse == "cuda" else None) | timings
         metrics |= {"fuse": cfg.fuse, "fusions": fused}
         metrics |= {f"external_data_{k}": (f.parent / (f.name + ".data")).is_file() for k, f in files.items()}
@@ -393,6 +445,10 @@ def fusion_note(m: dict) -> str:
         applied = ", ".join(f"{k} x{v}" for k, v in m["fusions"].items()) or "none matched"
         return ("The fp16 graph carries ONNX Runtime's Stable Diffusion fusions (" + applied + "): it runs on the "
                 "CUDA provider only, where its parity was measured. The fp32 graph is the portable one.")
+    if m.get("fuse") == "ort":
+        applied = ", ".join(f"{k} x{v}" for k, v in m["fusions"].items()) or "none matched"
+        return ("Both graphs carry ONNX Runtime's contrib attention operators (" + applied + "), which have CPU\n"
+                "and CUDA kernels: they need ONNX Runtime, on either provider.")
     return ("Neither graph uses ONNX Runtime's fused Stable Diffusion operators, so both run on the CPU\n"
             "provider as well as CUDA (fp16 is meant for GPUs; on CPU ONNX Runtime runs its half ops through casts).")
 

@@ -384,3 +384,75 @@ def test_cuda_fusions_apply_to_the_generator_and_a_cpu_machine_refuses_to_ship_t
         with pytest.raises(UserError, match="no CUDA GPU is usable here"):
             export(ExportConfig(fuse="cuda"), Paths(student=micro_student, out=tmp_path / "o", reports=tmp_path / "r"))
         assert not (tmp_path / "o").exists()
+
+
+def test_ort_fusions_put_contrib_attention_in_both_graphs_with_the_same_images(tmp_path, onnx_dir, micro_student,
+                                                                              world_prompts):
+    """export.fuse: ort. Every attention of the exported generator becomes one ONNX Runtime contrib operator
+    (no Softmax left), both graphs still pass the parity bars and run on the CPU provider, and the images are
+    those of the plain artifact."""
+    import onnx
+
+    from src.infer import generate, load_artifact
+
+    metrics = export(ExportConfig(fuse="ort", parity_prompts=3),
+                     Paths(student=micro_student, out=tmp_path / "onnx", reports=tmp_path / "rep",
+                           eval_prompts=world_prompts / "eval.jsonl"))
+    assert metrics["psnr_fp32"] >= 40 and metrics["psnr_fp16"] >= 30
+    assert metrics["fusions"].get("multi_head_attention", 0) > 0
+    plain_ops = [n.op_type for n in onnx.load(str(onnx_dir[0] / "fp32" / "model.onnx")).graph.node]
+    for precision in ("fp32", "fp16"):
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "onnx" / precision / "model.onnx")).graph.node]
+        assert "Softmax" not in ops and ops.count("MultiHeadAttention") + ops.count("Attention") == \
+            plain_ops.count("Softmax"), precision
+    assert "contrib attention operators" in (tmp_path / "onnx" / "README.md").read_text()
+    seeds = [3, 4, 5]
+    fused = dict(generate(load_artifact(tmp_path / "onnx", "fp32", "cpu"), PROMPTS, seeds, batch_size=3))
+    plain = dict(generate(load_artifact(onnx_dir[0], "fp32", "cpu"), PROMPTS, seeds, batch_size=3))
+    for i in range(3):
+        assert np.abs(fused[i].astype(int) - plain[i].astype(int)).max() <= 1
+
+
+def test_ort_fusions_keep_a_large_graph_in_one_external_file(tmp_path, onnx_dir, monkeypatch):
+    """Past the protobuf limit the fused graph's weights go to one model.onnx.data beside it, as export writes
+    them; the folder holds nothing else and the graph runs."""
+    import shutil
+
+    import onnxruntime as ort
+
+    import src.export as export_mod
+
+    graph = tmp_path / "fp32" / "model.onnx"
+    graph.parent.mkdir()
+    shutil.copy(onnx_dir[0] / "fp32" / "model.onnx", graph)
+    monkeypatch.setattr(export_mod, "TWO_GB", 64 * 1024**2 + 1024)       # every graph counts as large
+    assert export_mod.fuse_ort(graph).get("multi_head_attention", 0) > 0
+    assert sorted(p.name for p in graph.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert graph.stat().st_size < (graph.parent / "model.onnx.data").stat().st_size
+    contract = json.loads((onnx_dir[0] / "onestep.json").read_text())
+    out = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": np.zeros((2, contract["max_length"]), np.int64),
+               "noise": np.zeros((2, *contract["latent_shape"]), np.float32)})[0]
+    assert out.shape[0] == 2 and np.isfinite(out).all()
+
+
+def test_the_fp16_graph_keeps_the_glue_and_the_timestep_embedding_float32(onnx_dir):
+    """The dynamo exporter's nodes carry their module scope in their names, so the float16 conversion finds the
+    generator's own glue (the x0 arithmetic) and keeps it float32, while the networks run in float16."""
+    import onnx
+
+    from src.export import fp32_node
+
+    half = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_dir[0] / "fp16" / "model.onnx")), strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*half.graph.value_info, *half.graph.output]}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+    def out_types(nodes):
+        return [types[o] for n in nodes for o in n.output if types.get(o) in floats]
+
+    nodes = [n for n in half.graph.node if n.op_type != "Cast"]
+    glue = [n for n in nodes if fp32_node(n.name)]
+    unet = [n for n in nodes if n.name.startswith("/unet/down_blocks/")]
+    assert glue and unet
+    assert set(out_types(glue)) == {onnx.TensorProto.FLOAT}
+    assert onnx.TensorProto.FLOAT16 in out_types(unet)
