@@ -387,14 +387,20 @@ def test_cuda_fusions_apply_to_the_generator_and_a_cpu_machine_refuses_to_ship_t
 
 
 def test_ort_fusions_put_contrib_attention_in_both_graphs_with_the_same_images(tmp_path, onnx_dir, micro_student,
-                                                                              world_prompts):
+                                                                              world_prompts, monkeypatch):
     """export.fuse: ort. Every attention of the exported generator becomes one ONNX Runtime contrib operator
     (no Softmax left), both graphs still pass the parity bars and run on the CPU provider, and the images are
-    those of the plain artifact."""
+    those of the plain artifact. (The stage's torch -> ONNX step is the plain export's graph, copied: the
+    same student, without exporting it again.)"""
+    import shutil
+
     import onnx
 
+    import src.export as export_mod
     from src.infer import generate, load_artifact
 
+    monkeypatch.setattr(export_mod, "export_fp32", lambda pipe, path, opset, exporter: shutil.copy(
+        onnx_dir[0] / "fp32" / "model.onnx", path))
     metrics = export(ExportConfig(fuse="ort", parity_prompts=3),
                      Paths(student=micro_student, out=tmp_path / "onnx", reports=tmp_path / "rep",
                            eval_prompts=world_prompts / "eval.jsonl"))
