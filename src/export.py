@@ -298,7 +298,9 @@ def fp32_node(name: str) -> bool:
     return name.startswith("/") and not name.startswith(NETWORKS)
 
 
-NETWORKS = ("/unet/", "/text_encoder/", "/decoder/", "/post_quant_conv/")   # node-name prefixes of the exported graph
+# node-name prefixes of the three networks: dynamo names nodes by module path (/vae/decoder/...), TorchScript by
+# the scope it traced (/decoder/...)
+NETWORKS = ("/unet/", "/text_encoder/", "/vae/", "/decoder/", "/post_quant_conv/")
 
 
 def drop_duplicate_casts(graph) -> int:

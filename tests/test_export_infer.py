@@ -458,7 +458,10 @@ def test_the_fp16_graph_keeps_the_glue_and_the_timestep_embedding_float32(onnx_d
 
     nodes = [n for n in half.graph.node if n.op_type != "Cast"]
     glue = [n for n in nodes if fp32_node(n.name)]
-    unet = [n for n in nodes if n.name.startswith("/unet/down_blocks/")]
-    assert glue and unet
-    assert set(out_types(glue)) == {onnx.TensorProto.FLOAT}
-    assert onnx.TensorProto.FLOAT16 in out_types(unet)
+    assert glue and set(out_types(glue)) == {onnx.TensorProto.FLOAT}
+    for n in glue:                                   # top-level glue (`/node_div_26`) and the timestep embedding
+        assert n.name.count("/") == 1 or n.name.startswith(("/unet/time_proj/", "/unet/time_embedding/")) or \
+            n.name.startswith("/_empty_nn_module_stack"), n.name
+    for network in ("/text_encoder/", "/unet/down_blocks/", "/vae/decoder/"):
+        inside = [n for n in nodes if n.name.startswith(network)]
+        assert inside and onnx.TensorProto.FLOAT16 in out_types(inside), network
