@@ -245,8 +245,8 @@ def fuse_ort(path: Path) -> dict[str, int]:
         counts["attention"] = attention.fuse_attention(model)
     optimize(model)
     counts.pop("sdpa")                                # an intermediate step: MultiHeadAttention consumes them
-    big = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-              if v.const_value is not None) > TWO_GB - 64 * 1024**2
+    big = past_protobuf_limit(sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                                  if v.const_value is not None))
     # written beside, then moved over: the weights may still be read lazily from the old data file
     staging = path.parent / ".fused"
     staging.mkdir()
@@ -329,11 +329,17 @@ def tensor_bytes(model) -> int:
     return total
 
 
+def past_protobuf_limit(weight_bytes: int) -> bool:
+    """Whether a graph with this many bytes of weights must keep them in an external file (the graph itself
+    and protobuf's framing take the last 64 MiB below 2 GB)."""
+    return weight_bytes > TWO_GB - 64 * 1024**2
+
+
 def _save(model, path: Path) -> None:
     """Save; weights go to one external file `<name>.data` when the graph would pass protobuf's 2 GB."""
     import onnx
 
-    large = tensor_bytes(model) > TWO_GB - 64 * 1024**2
+    large = past_protobuf_limit(tensor_bytes(model))
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data" if large else None)
     if large:                         # onnx creates it 0600: readable by a serving account like the graph
@@ -422,7 +428,8 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
             fused = fuse_cuda(files["fp32"], files["fp16"])
         else:
             export_fp16(files["fp32"], files["fp16"])
-        timings = {"export_fp32_s": round(t_fuse - t0, 1), "fuse_s": round(t_fp16 - t_fuse, 1), "convert_fp16_s": round(time.perf_counter() - t_fp16, 1)}
+        timings = {"export_fp32_s": round(t_fuse - t0, 1), "fuse_s": round(t_fp16 - t_fuse, 1),
+                   "convert_fp16_s": round(time.perf_counter() - t_fp16, 1)}
         metrics = parity(files, ids, noise, ref, {"fp16": cfg.fuse} if cfg.fuse == "cuda" else None) | timings
         metrics |= {"fuse": cfg.fuse, "fusions": fused}
         metrics |= {f"external_data_{k}": (f.parent / (f.name + ".data")).is_file() for k, f in files.items()}
@@ -443,12 +450,11 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
 
 
 def fusion_note(m: dict) -> str:
+    applied = ", ".join(f"{k} x{v}" for k, v in m.get("fusions", {}).items()) or "none matched"
     if m.get("fuse") == "cuda":
-        applied = ", ".join(f"{k} x{v}" for k, v in m["fusions"].items()) or "none matched"
         return ("The fp16 graph carries ONNX Runtime's Stable Diffusion fusions (" + applied + "): it runs on the "
                 "CUDA provider only, where its parity was measured. The fp32 graph is the portable one.")
     if m.get("fuse") == "ort":
-        applied = ", ".join(f"{k} x{v}" for k, v in m["fusions"].items()) or "none matched"
         return ("Both graphs carry ONNX Runtime's contrib attention operators (" + applied + "), which have CPU\n"
                 "and CUDA kernels: they need ONNX Runtime, on either provider.")
     return ("Neither graph uses ONNX Runtime's fused Stable Diffusion operators, so both run on the CPU\n"

@@ -53,8 +53,8 @@ class Artifact:
 
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnx-worker")
-            parts = np.array_split(np.arange(len(ids)), min(self.workers, len(ids)))
-            futures = [self._pool.submit(self._run, ids[p[0]:p[-1] + 1], noise[p[0]:p[-1] + 1]) for p in parts]
+            futures = [self._pool.submit(self._run, ids[lo:hi], noise[lo:hi])
+                       for lo, hi in contiguous_parts(len(ids), self.workers)]
             return np.concatenate([f.result() for f in futures])
         return self._run(ids, noise)
 
@@ -68,6 +68,11 @@ class Artifact:
         binding.bind_output("images", device)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
+
+
+def contiguous_parts(n: int, parts: int) -> list[tuple[int, int]]:
+    """(lo, hi) of min(parts, n) contiguous slices of range(n), their sizes within one of each other."""
+    return [(int(b[0]), int(b[-1]) + 1) for b in np.array_split(np.arange(n), min(parts, n))]
 
 
 CONTRACT_KEYS = {"max_length": 2, "bos_id": 0, "eos_id": 0, "pad_id": 0}   # integer keys a reader needs: minimum
@@ -159,7 +164,6 @@ def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto",
     on_cuda = used == "CUDAExecutionProvider"
     return Artifact(session, tokenizer, contract, used, precision, version, folder, io_binding=on_cuda,
                     workers=1 if on_cuda else workers)
-
 
 
 def tokenize(tokenizer, contract: dict, prompts: list[str]) -> tuple[np.ndarray, list[str]]:

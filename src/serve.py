@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         t0 = time.perf_counter()
         service.install(load_model(args.model or Path("models/onnx"), args.precision, args.provider, cfg.threads,
-                                          cfg.workers))
+                                   cfg.workers))
         log.info("loaded and warmed up in %.2f s", time.perf_counter() - t0)
     import uvicorn
 

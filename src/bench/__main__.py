@@ -81,13 +81,13 @@ def tiny_artifact(student: Path, tiny_decoder: Path, out: Path) -> Path:
 def in_parts(n: int, workers: int, pool, call: Callable[[int, int, int], object]) -> list:
     """call(k, lo, hi) for the `workers` contiguous parts k of range(n), at once on `pool`, PyTorch's threads shared
     out among them."""
-    import numpy as np
+    from ..infer import contiguous_parts
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))
     try:
-        bounds = np.array_split(np.arange(n), workers)
-        return [f.result() for f in [pool.submit(call, k, int(b[0]), int(b[-1]) + 1) for k, b in enumerate(bounds)]]
+        futures = [pool.submit(call, k, lo, hi) for k, (lo, hi) in enumerate(contiguous_parts(n, workers))]
+        return [f.result() for f in futures]
     finally:
         torch.set_num_threads(threads)
 
