@@ -5,11 +5,11 @@
     python -m src.distill --set distill.processes=2      # two processes that train together (DDP)
 
 Student = a copy of the teacher UNet, fed pure noise labelled t = T-1 (the paper) or
-`student_timestep` (src/onestep.py). Each step: (1) the student
+`student_timestep` (src/method/onestep.py). Each step: (1) the student
 makes x0 for a batch of prompts; (2) VSDLoss moves it along (1 - abar_t)(eps_teacher -
 eps_lora) (CFG on the teacher, and on the LoRA teacher unless `lora_guidance_scale` says
-otherwise; see src/vsd.py), plus SwiftBrush v2's clamped CLIP loss on the decoded image when
-`clip_model` is set (src/clip_loss.py); (3) LoRALoss fits the LoRA teacher to the student's
+otherwise; see src/method/vsd.py), plus SwiftBrush v2's clamped CLIP loss on the decoded image when
+`clip_model` is set (src/method/clip_loss.py); (3) LoRALoss fits the LoRA teacher to the student's
 detached samples; (4) optional EMA; (5) log / validate / checkpoint. Killed runs resume from
 the last complete checkpoint in `checkpoints/` (a DVC `persist: true` output); every random
 draw is a function of (seed, rank, step), so a resumed run continues exactly as an
@@ -28,22 +28,32 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
 import torch
 
-from . import checkpoint
-from .config import DistillConfig, stage_config
-from .errors import UserError, run_cli
-from .fileio import atomic_dir, write_json
-from .launch import launched_world, spawn
-from .onestep import decode, generate, initial_noise, one_step_scheduler, student_timestep, student_x0
-from .prepare import derive_seed, read_prepared
-from .teacher import alphas_cumprod, encode_prompts, frozen_parts, load_pipeline, load_tiny_decoder
-from .vsd import LoRALoss, VSDLoss, adapters
+from .core import checkpoint
+from .core.checkpoint import EMA_FILE, load_ema, save_ema, student_ema
+from .core.config import DistillConfig, stage_config
+from .core.errors import UserError, run_cli
+from .core.fileio import atomic_dir, write_json
+from .core.launch import launched_world, spawn
+from .core.prompts import derive_seed, read_prepared
+from .method.adapters import SCORE, STUDENT, adapter_params, adapter_state, adapters, merge_adapter
+from .method.onestep import decode, initial_latents, one_step_images, one_step_scheduler, student_timestep, student_x0
+from .method.teacher import alphas_cumprod, encode_prompts, frozen_parts, load_pipeline, load_tiny_decoder
+from .method.vsd import LoRALoss, VSDLoss
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import EMAModel
+
+    from .method.clip_loss import ClipLoss
 
 
-@dataclass
+@dataclass(frozen=True)
 class Paths:
     """Where the stage reads and writes (DVC deps/outs; the CLI defaults match dvc.yaml)."""
 
@@ -75,7 +85,8 @@ def batch_indices(n_prompts: int, batch: int, step: int, rank: int, world: int, 
 
 
 # The modules whose code decides the training trajectory; editing one invalidates checkpoints.
-METHOD_SOURCES = ("distill.py", "vsd.py", "clip_loss.py", "onestep.py", "teacher.py", "noise.py")
+METHOD_SOURCES = ("distill.py", "method/vsd.py", "method/adapters.py", "method/clip_loss.py", "method/onestep.py",
+                  "method/teacher.py", "method/noise.py")
 
 
 def fingerprint(cfg: DistillConfig, lr: float, seed: int, inputs: str = "") -> str:
@@ -96,7 +107,7 @@ def inputs_digest(train_prompts: Path, tiny_decoder: Path | None = None) -> str:
     """SHA-256 of the method's source files, the training prompt file and (if used) the tiny decoder's files."""
     h = hashlib.sha256()
     extra = sorted(p for p in tiny_decoder.rglob("*") if p.is_file()) if tiny_decoder else []
-    for path in [Path(__file__).with_name(n) for n in METHOD_SOURCES] + [train_prompts] + extra:
+    for path in [Path(__file__).parent / n for n in METHOD_SOURCES] + [train_prompts] + extra:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
@@ -134,20 +145,20 @@ class Run:
     """What the training loop works on: the models, optimisers and losses `setup` builds, and where
     `resume` starts. The student is a copy of the teacher UNet (full) or an adapter on it (lora)."""
 
-    acc: object
-    pipe: object
+    acc: Accelerator
+    pipe: StableDiffusionPipeline         # the teacher's pipeline (text encoder, VAE, tokenizer)
     teacher: torch.nn.Module              # frozen teacher + the LoRA teacher (adapter SCORE) on one UNet
     student: torch.nn.Module
     student_params: list
     lora_params: list
     opt_student: torch.optim.Optimizer
     opt_lora: torch.optim.Optimizer
-    ema: object
+    ema: EMAModel | None
     vsd_loss: VSDLoss
     lora_loss: LoRALoss
-    clip_loss: object
+    clip_loss: ClipLoss | None
     clip_decoder: torch.nn.Module         # decodes x0 for the CLIP loss: the teacher's VAE or a tiny decoder
-    as_student: object                    # context: the student's weights active in `student`
+    as_student: Callable[[torch.nn.Module], ContextManager[None]]   # context: the student's weights active in `student`
     uncond: torch.Tensor                  # (1, 77, D) empty-prompt embedding
     abar: torch.Tensor
     t_student: int
@@ -216,7 +227,7 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
     clip_loss = None
     uncond = encode_prompts(pipe, [""], device).float()
     if cfg.clip_model is not None:
-        from .clip_loss import load_clip_loss
+        from .method.clip_loss import load_clip_loss
 
         clip_loss = load_clip_loss(cfg.clip_model, cfg.clip_tau, device)
     clip_decoder = pipe.vae
@@ -314,7 +325,7 @@ class StepResult:
 
 def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.Tensor, gen: torch.Generator,
                step: int) -> StepResult:
-    """One SwiftBrush step (DESIGN.md section 5): the student's x0, its VSD update (+ v2's CLIP loss), then the
+    """One SwiftBrush step (docs/design.md, "The method"): the student's x0, its VSD update (+ v2's CLIP loss), then the
     LoRA teacher's update(s) on the detached x0."""
     acc, student, teacher = run.acc, run.student, run.teacher
     with phase("text encoder"):
@@ -359,6 +370,17 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
     return StepResult(loss_vsd, loss_lora, float(gnorm_s), float(gnorm_l), ok_s, ok_l, stats, w_clip)
 
 
+def step_draws(run: Run, cfg: DistillConfig, seed: int, step: int, rank: int = 0,
+               world: int = 1) -> tuple[torch.Generator, list[int], torch.Tensor]:
+    """Every random draw of training step `step` on process `rank`: the generator the losses draw t and
+    noise from, the batch's prompt indices and the student's input noise z (on the CPU). A function of
+    (seed, rank, step) only, so a resumed run continues exactly."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "distill", rank, step))
+    idx = batch_indices(len(run.prompts), cfg.batch_size, step, rank, world, seed)
+    z = initial_latents([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], run.shape)
+    return gen, idx, z
+
+
 def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) -> dict:
     """Run (or resume) the distillation; save the student pipeline; return the final metrics."""
     from tqdm import tqdm
@@ -376,37 +398,20 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, desc="distill",
                disable=not main_process, mininterval=2)
     for step in bar:
-        # every draw of this step is a function of (seed, rank, step): a resumed run continues exactly
-        gen = torch.Generator().manual_seed(derive_seed(seed, "distill", rank, step))
-        idx = batch_indices(len(prompts), cfg.batch_size, step, rank, world, seed)
-        z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], run.shape)
+        gen, idx, z = step_draws(run, cfg, seed, step, rank, world)
         lr_now = student_lr(lr, step, cfg.steps, cfg.lr_schedule)
         for group in run.opt_student.param_groups:
             group["lr"] = lr_now
 
         out = train_step(run, cfg, [prompts[i] for i in idx], z.to(acc.device), gen, step)
 
-        for name, ok in (("student", out.ok_student), ("lora", out.ok_lora)):
-            nonfinite[name] = 0 if ok else nonfinite[name] + 1
-            skipped += not ok
-            if nonfinite[name] >= cfg.max_nonfinite:
-                raise NonFiniteError(f"distill: {cfg.max_nonfinite} consecutive non-finite {name} steps at step "
-                                     f"{step} (loss or gradient NaN/inf); lower `lr`/`distill.lora_lr` or use "
-                                     "mixed_precision: bf16 instead of fp16")
+        skipped += count_nonfinite(nonfinite, out, cfg.max_nonfinite, step)
         samples_seen += cfg.batch_size * world
         done = step + 1
 
         # 4. log / validate / checkpoint
         if main_process and (done % cfg.log_every == 0 or done == cfg.steps):
-            dt = time.perf_counter() - t_log
-            row = {"loss_vsd": out.loss_vsd.item(), "loss_lora": out.loss_lora.item(),
-                   "grad_norm_student": out.grad_norm_student, "grad_norm_lora": out.grad_norm_lora,
-                   "vsd_grad_norm": float(out.stats["vsd_grad_norm"]), "lr": lr_now, "lora_lr": cfg.lora_lr,
-                   "steps_per_s": cfg.log_every / dt if dt else 0.0,
-                   "samples_per_s": samples_seen / dt if dt else 0.0, "skipped_steps": skipped}
-            if "loss_clip" in out.stats:
-                row.update(loss_clip=float(out.stats["loss_clip"]), clip_cos=float(out.stats["clip_cos"]),
-                           clip_weight=out.clip_weight)
+            row = train_row(out, cfg, lr_now, time.perf_counter() - t_log, samples_seen, skipped)
             t_log, samples_seen = time.perf_counter(), 0
             for k, v in row.items():
                 live.log_metric(f"train/{k}", v)
@@ -422,14 +427,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             acc.wait_for_everyone()
             if main_process:
-                t_save = time.perf_counter()
-                folder = _save_checkpoint(paths.checkpoints, done, run.fingerprint, live.step, cfg.keep_checkpoints,
-                                          student_state(acc.unwrap_model(run.student), cfg.student),
-                                          adapter_state(acc.unwrap_model(run.teacher), SCORE), run.opt_student,
-                                          run.opt_lora, run.ema)
-                size = sum(f.stat().st_size for f in folder.iterdir())
-                bar.write(f"checkpoint {folder}: {size / 2**30:.2f} GiB written and hashed in "
-                          f"{time.perf_counter() - t_save:.1f} s")
+                bar.write(checkpoint_run(run, cfg, paths, done, live.step))
 
     acc.wait_for_everyone()
     wall = time.perf_counter() - t_start
@@ -442,6 +440,45 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         finish(run, cfg, paths, result, history)
         live.end()
     return result
+
+
+def count_nonfinite(nonfinite: dict[str, int], out: StepResult, limit: int, step: int) -> int:
+    """Update the runs of consecutive skipped (non-finite) student and LoRA steps; stop the run with one
+    clear error at `limit` in a row. Returns how many of this step's updates were skipped."""
+    skipped = 0
+    for name, ok in (("student", out.ok_student), ("lora", out.ok_lora)):
+        nonfinite[name] = 0 if ok else nonfinite[name] + 1
+        skipped += not ok
+        if nonfinite[name] >= limit:
+            raise NonFiniteError(f"distill: {limit} consecutive non-finite {name} steps at step {step} (loss or "
+                                 "gradient NaN/inf); lower `lr`/`distill.lora_lr` or use mixed_precision: bf16 "
+                                 "instead of fp16")
+    return skipped
+
+
+def train_row(out: StepResult, cfg: DistillConfig, lr_now: float, dt: float, samples_seen: int,
+              skipped: int) -> dict[str, float]:
+    """The logged training metrics of one step (`dt`: seconds since the last logged step)."""
+    row = {"loss_vsd": out.loss_vsd.item(), "loss_lora": out.loss_lora.item(),
+           "grad_norm_student": out.grad_norm_student, "grad_norm_lora": out.grad_norm_lora,
+           "vsd_grad_norm": float(out.stats["vsd_grad_norm"]), "lr": lr_now, "lora_lr": cfg.lora_lr,
+           "steps_per_s": cfg.log_every / dt if dt else 0.0,
+           "samples_per_s": samples_seen / dt if dt else 0.0, "skipped_steps": skipped}
+    if "loss_clip" in out.stats:
+        row.update(loss_clip=float(out.stats["loss_clip"]), clip_cos=float(out.stats["clip_cos"]),
+                   clip_weight=out.clip_weight)
+    return row
+
+
+def checkpoint_run(run: Run, cfg: DistillConfig, paths: Paths, done: int, live_step: int) -> str:
+    """Write the checkpoint after `done` steps (main process); returns the line the progress bar prints."""
+    acc, t_save = run.acc, time.perf_counter()
+    folder = _save_checkpoint(paths.checkpoints, done, run.fingerprint, live_step, cfg.keep_checkpoints,
+                              student_state(acc.unwrap_model(run.student), cfg.student),
+                              adapter_state(acc.unwrap_model(run.teacher), SCORE), run.opt_student,
+                              run.opt_lora, run.ema)
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    return f"checkpoint {folder}: {size / 2**30:.2f} GiB written and hashed in {time.perf_counter() - t_save:.1f} s"
 
 
 def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: list[dict]) -> None:
@@ -464,54 +501,10 @@ def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: li
                | {"val_curve": history})
 
 
-def student_ema(params, decay: float | None):
-    """EMA of the student's trainable weights, or None. diffusers' EMAModel warms the decay up: its
-    k-th update (k >= 2) uses min(decay, k / (9 + k)), so decay 0.995 binds only from the 1791st update on."""
-    from diffusers.training_utils import EMAModel
-
-    return EMAModel(list(params), decay=decay) if decay else None
-
-
-EMA_FILE = "ema.safetensors"
-
-
-def save_ema(ema, path: Path) -> None:
-    """The EMA as tensors (safetensors) plus its scalar settings as JSON metadata: no pickle."""
-    from safetensors.torch import save_file
-
-    state = ema.state_dict()
-    shadow = state.pop("shadow_params")
-    save_file({f"shadow.{i:06d}": t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(path),
-              metadata={"state": json.dumps(state)})
-
-
-def load_ema(ema, path: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        state = json.loads(f.metadata()["state"])
-        state["shadow_params"] = [f.get_tensor(k) for k in sorted(f.keys())]
-    ema.load_state_dict(state)
-
-
 def adam_options(impl: str) -> dict:
     """torch.optim.Adam keyword arguments for `distill.adam_impl` (the same update, other memory)."""
     return {"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True},
             "fused": {"fused": True}}[impl]
-
-
-# Adapter names on the teacher UNet: the LoRA teacher (the student-score network) and the LoRA student.
-SCORE, STUDENT = "default", "student"
-
-
-def adapter_params(unet, name: str) -> list[torch.nn.Parameter]:
-    """The LoRA parameters of adapter `name`."""
-    return [p for n, p in unet.named_parameters() if "lora_" in n and f".{name}." in n]
-
-
-def adapter_state(unet, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s LoRA tensors, keyed as in the UNet's state dict (a checkpoint's lora.pt)."""
-    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items() if "lora_" in k and f".{name}." in k}
 
 
 def student_state(student, kind: str) -> dict[str, torch.Tensor]:
@@ -539,25 +532,6 @@ def shipped_weights(params: list[torch.nn.Parameter], ema):
         yield
     finally:
         ema.restore(params)
-
-
-def merge_adapter(unet, name: str):
-    """A plain UNet2DConditionModel with adapter `name` merged into its base weights (W + scale B A);
-    the other adapters are left out. What a stock diffusers pipeline loads. The weights the adapter
-    does not touch are shared with `unet`, not copied (a second 3.5 GB UNet at SD size)."""
-    from diffusers import UNet2DConditionModel
-    from peft.tuners.lora import LoraLayer
-
-    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
-    with torch.no_grad():
-        for module_name, module in unet.named_modules():
-            if isinstance(module, LoraLayer) and name in module.lora_A:
-                key = f"{module_name}.weight"
-                state[key] = state[key] + module.get_delta_weight(name).to(state[key].dtype)
-    with torch.device("meta"):
-        merged = UNet2DConditionModel.from_config(unet.config)
-    merged.load_state_dict(state, assign=True)
-    return merged
 
 
 def latent_size(pipe, resolution: int | None) -> int:
@@ -643,7 +617,7 @@ def validate(pipe, student, records: list[dict], abar: torch.Tensor, timestep: i
 
     was_training = student.training
     student.eval()
-    images = generate(pipe, student, [r["prompt"] for r in records], [r["seed"] for r in records], abar,
+    images = one_step_images(pipe, student, [r["prompt"] for r in records], [r["seed"] for r in records], abar,
                       device=next(student.parameters()).device, timestep=timestep)
     student.train(was_training)
     out = {"mean_pixel_std": float(images.reshape(len(images), -1).std(axis=1).mean() / 255)}

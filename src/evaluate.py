@@ -32,18 +32,32 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .config import EvaluateConfig, stage_config
-from .errors import UserError, run_cli
-from .fileio import atomic_file, hash_file, write_json
-from .figures import sample_grid
-from .metrics import (COCO_SIZE, center_crop_resize, clip_paths, clip_similarities, feature_stats, features,
-                      file_listing_key, folder_stats, frechet, judge_per_image, load_clip, load_inception, mean_interval,
-                      resampled_interval, world_features)
-from .noise import CONVENTION, initial_noise
-from .prepare import read_prepared
+from .core.config import EvaluateConfig, stage_config
+from .core.errors import UserError, run_cli
+from .core.figures import sample_grid
+from .core.fileio import atomic_file, hash_file, write_json
+from .core.prompts import read_prepared
+from .method.noise import CONVENTION, initial_noise
+from .scoring.metrics import (
+    COCO_SIZE,
+    center_crop_resize,
+    clip_paths,
+    clip_similarities,
+    feature_stats,
+    features,
+    file_listing_key,
+    folder_stats,
+    frechet,
+    judge_per_image,
+    load_clip,
+    load_inception,
+    mean_interval,
+    resampled_interval,
+    world_features,
+)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Paths:
     eval_prompts: Path = Path("prompts/eval.jsonl")
     student: Path = Path("models/student")
@@ -137,8 +151,8 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
                     student_name: str = "student") -> dict[str, Generator]:
     """The generators of the comparison, on the same prompts and seeds: the teacher in 1 and N steps, the
     student, and (with a tiny decoder) the student decoded by it, as `export.decoder: tiny` ships it."""
-    from .onestep import generate as one_step
-    from .teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
+    from .method.onestep import one_step_images
+    from .method.teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
 
     if not (student_dir / "model_index.json").is_file():
         raise UserError(f"{student_dir}: no student pipeline (run `dvc repro distill` first)")
@@ -152,7 +166,7 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
     pixels = side * teacher.vae_scale_factor
 
     def teacher_gen(steps: int) -> Generator:
-        # The same seed -> noise convention as the student (src/noise.py): the teacher and the
+        # The same seed -> noise convention as the student (src/method/noise.py): the teacher and the
         # student start every prompt from the same latent (the pipeline scales it by init_noise_sigma).
         def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
             out = teacher(prompts, num_inference_steps=steps, guidance_scale=cfg.guidance_scale, output_type="np",
@@ -163,16 +177,41 @@ def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, ba
     gens = {
         "teacher_1": teacher_gen(1),
         f"teacher_{cfg.teacher_steps}": teacher_gen(cfg.teacher_steps),
-        f"{student_name}_1": lambda p, s: one_step(student, student.unet, p, s, abar, batch_size, device),
+        f"{student_name}_1": lambda p, s: one_step_images(student, student.unet, p, s, abar, batch_size, device),
     }
     if tiny_decoder is not None:
         tiny = with_tiny_decoder(student, tiny_decoder, "tiny_decoder")     # the same modules, another decoder
-        gens[f"{student_name}_1_tiny"] = lambda p, s: one_step(tiny, tiny.unet, p, s, abar, batch_size, device)
+        gens[f"{student_name}_1_tiny"] = lambda p, s: one_step_images(tiny, tiny.unet, p, s, abar, batch_size, device)
     return gens
 
 
 def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> dict:
     """Generate (or reuse) every generator's images, compute the metrics, write the reports."""
+    records = checked_records(cfg, paths)
+    shards = process_state()
+    if cfg.mode == "coco" and shards.num_processes > 1:
+        device = shards.device                          # each process its own GPU (or the CPU)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg.mode == "coco" else "cpu")
+    names = generate_all(cfg, teacher_dir, paths, records, device, shards)
+    shards.wait_for_everyone()
+    if not shards.is_main_process:      # one process measures
+        return {}
+
+    # per prompt, then each metric with its bootstrap interval over the prompts
+    scorer = load_clip(cfg.evaluator if cfg.mode == "world" else cfg.coco.clip, device)
+    measure = measure_world if cfg.mode == "world" else measure_coco
+    measured, reference_stats, reference = measure(cfg, paths, records, names, scorer, device)
+    fids = {name: fid_statistic(m.features, reference_stats) for name, m in measured.items() if m.features is not None}
+    metrics = {name: point_metrics(m, fids.get(name)) for name, m in measured.items()}
+    teacher_n = f"teacher_{cfg.teacher_steps}"
+    uncertainty = intervals(measured, fids, metrics, teacher_n, cfg) if cfg.bootstrap else {}
+    write_reports(cfg, paths, records, names, metrics, uncertainty, reference, scorer.name)
+    return metrics
+
+
+def checked_records(cfg: EvaluateConfig, paths: Paths) -> list[dict]:
+    """The eval prompts, refused by name when they do not fit the mode (or COCO's inputs are missing)."""
     if cfg.mode == "coco":
         check_coco_inputs(cfg, paths)
     records = read_prepared(paths.eval_prompts, cfg.limit)
@@ -181,14 +220,13 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     if cfg.mode == "coco" and not all("image_id" in r for r in records):
         raise UserError(f"{paths.eval_prompts}: COCO mode needs COCO eval prompts (prepare.eval.source: coco, "
                         "path: captions_val2014.json, limit: 30000, dedupe: false)")
-    shards = process_state()
-    if cfg.mode == "coco" and shards.num_processes > 1:
-        device = shards.device                          # each process its own GPU (or the CPU)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() and cfg.mode == "coco" else "cpu")
-    prompts = [r["prompt"] for r in records]
+    return records
 
-    # ---- generate: same prompts and per-prompt seeds for every generator (split over processes)
+
+def generate_all(cfg: EvaluateConfig, teacher_dir: str, paths: Paths, records: list[dict], device: torch.device,
+                 shards) -> list[str]:
+    """Every generator's images, on the same prompts and per-prompt seeds (split over processes); a folder
+    already drawn by the same model, prompts and settings is reused. Returns the generators' names."""
     generators = make_generators(cfg, teacher_dir, paths.student, cfg.batch_size, device, paths.tiny_decoder,
                                  paths.student_name)
     prompts_digest = tree_digest(paths.eval_prompts, cfg.limit, cfg.mode)
@@ -203,59 +241,61 @@ def evaluate(cfg: EvaluateConfig, teacher_dir: str, paths: Paths = Paths()) -> d
     for name, gen in generators.items():
         fill_folder(paths.images / name, records, gen, cfg.batch_size, name,
                     tree_digest(name, prompts_digest, *made_by[name]), transform, shards)
-    shards.wait_for_everyone()
-    if not shards.is_main_process:      # one process measures
-        return {}
-    names = list(generators)
-    del generators                      # the pipelines' memory, before the feature extractors load
+    return list(generators)             # the pipelines' memory goes with `generators`, before the scorers load
 
-    # ---- measure: per prompt, then each metric with its bootstrap interval over the prompts
-    scorer = load_clip(cfg.evaluator if cfg.mode == "world" else cfg.coco.clip, device)
+
+def measure_world(cfg: EvaluateConfig, paths: Paths, records: list[dict], names: list[str], scorer,
+                  device: torch.device):
+    """World mode: per-image CLIP similarity, judge scores and evaluator features of every generator and of
+    the ground-truth renders; FID against the renders of the same prompts (paired per image)."""
+    prompts = [r["prompt"] for r in records]
+    ref_dir = paths.images / "reference"
+    _render_references(ref_dir, records, scorer.model.config.vision_config.image_size,
+                       tree_digest("reference", tree_digest(paths.eval_prompts, cfg.limit, cfg.mode)))
+    ref_features = world_features([image_path(ref_dir, r) for r in records], scorer.model)   # once, for all
     measured: dict[str, Measured] = {}
-    if cfg.mode == "world":
-        ref_dir = paths.images / "reference"
-        _render_references(ref_dir, records, scorer.model.config.vision_config.image_size,
-                           tree_digest("reference", prompts_digest))
-        ref_features = world_features([image_path(ref_dir, r) for r in records], scorer.model)   # once, for all
-        reference_stats = lambda i: feature_stats(ref_features[i])          # noqa: E731 (paired with each image)
-        for name in [*names, "ground_truth"]:
-            folder = ref_dir if name == "ground_truth" else paths.images / name
-            imgs = load_folder(folder, records)
-            feats = None if name == "ground_truth" else world_features([image_path(folder, r) for r in records],
-                                                                        scorer.model)
-            batches = [(list(imgs[i:i + 256]), prompts[i:i + 256]) for i in range(0, len(imgs), 256)]
-            measured[name] = Measured(clip_similarities(scorer, batches), judge_per_image(imgs, records), feats)
-        reference = load_folder(ref_dir, records[:cfg.grid_rows])
-    else:
-        inception = load_inception(cfg.coco.inception, device)
-        workers = min(8, os.cpu_count() or 1)
-        ref_stats = folder_stats(Path(cfg.coco.images), inception, device=device, image_transform=center_crop_resize,
-                                 num_workers=workers, cache=paths.images / "coco_reference_stats.npz",
-                                 cache_key=file_listing_key(Path(cfg.coco.images), COCO_SIZE,
-                                                            Path(cfg.coco.inception).stat().st_size),
-                                 desc="reference features")
-        reference_stats = lambda i: ref_stats       # noqa: E731 (every val2014 image: a fixed reference)
-        for name in names:
-            folder = paths.images / name
-            feats = features([image_path(folder, r) for r in records], inception, device=device,
-                             image_transform=center_crop_resize, num_workers=workers, desc=f"{name} features")
-            measured[name] = Measured(clip_similarities(scorer, image_batches(folder, records, 64)), {}, feats)
-        reference = coco_images(Path(cfg.coco.images), records[:cfg.grid_rows])
-    fids = {name: fid_statistic(m.features, reference_stats) for name, m in measured.items() if m.features is not None}
-    metrics = {name: point_metrics(m, fids.get(name)) for name, m in measured.items()}
-    teacher_n = f"teacher_{cfg.teacher_steps}"
-    uncertainty = intervals(measured, fids, metrics, teacher_n, cfg) if cfg.bootstrap else {}
+    for name in [*names, "ground_truth"]:
+        folder = ref_dir if name == "ground_truth" else paths.images / name
+        imgs = load_folder(folder, records)
+        feats = None if name == "ground_truth" else world_features([image_path(folder, r) for r in records],
+                                                                    scorer.model)
+        batches = [(list(imgs[i:i + 256]), prompts[i:i + 256]) for i in range(0, len(imgs), 256)]
+        measured[name] = Measured(clip_similarities(scorer, batches), judge_per_image(imgs, records), feats)
+    return measured, lambda i: feature_stats(ref_features[i]), load_folder(ref_dir, records[:cfg.grid_rows])
 
+
+def measure_coco(cfg: EvaluateConfig, paths: Paths, records: list[dict], names: list[str], scorer,
+                 device: torch.device):
+    """COCO mode: CLIP similarity and Inception features of every generator; FID against all val2014 images."""
+    inception = load_inception(cfg.coco.inception, device)
+    workers = min(8, os.cpu_count() or 1)
+    ref_stats = folder_stats(Path(cfg.coco.images), inception, device=device, image_transform=center_crop_resize,
+                             num_workers=workers, cache=paths.images / "coco_reference_stats.npz",
+                             cache_key=file_listing_key(Path(cfg.coco.images), COCO_SIZE,
+                                                        Path(cfg.coco.inception).stat().st_size),
+                             desc="reference features")
+    measured: dict[str, Measured] = {}
+    for name in names:
+        folder = paths.images / name
+        feats = features([image_path(folder, r) for r in records], inception, device=device,
+                         image_transform=center_crop_resize, num_workers=workers, desc=f"{name} features")
+        measured[name] = Measured(clip_similarities(scorer, image_batches(folder, records, 64)), {}, feats)
+    reference = coco_images(Path(cfg.coco.images), records[:cfg.grid_rows])
+    return measured, lambda i: ref_stats, reference      # every val2014 image: a fixed reference
+
+
+def write_reports(cfg: EvaluateConfig, paths: Paths, records: list[dict], names: list[str], metrics: dict,
+                  uncertainty: dict, reference: np.ndarray | None, clip_name: str) -> None:
+    """metrics.json, intervals.json, the README table and the sample grid."""
     write_json(paths.reports / "metrics.json", metrics)
     write_json(paths.reports / "intervals.json", uncertainty)
     with atomic_file(paths.reports / "README.md") as f:
-        f.write(report(metrics, uncertainty, len(records), cfg, scorer.name))
+        f.write(report(metrics, uncertainty, len(records), cfg, clip_name))
     shown = {"reference": reference} if reference is not None else {}
     shown |= {name: load_folder(paths.images / name, records[:cfg.grid_rows]) for name in names}
-    grid = sample_grid(shown, prompts[:cfg.grid_rows])
+    grid = sample_grid(shown, [r["prompt"] for r in records[:cfg.grid_rows]])
     with atomic_file(paths.reports / "grid.png", "wb") as f:
         grid.save(f, format="PNG")
-    return metrics
 
 
 @dataclass
@@ -293,7 +333,7 @@ def intervals(measured: dict[str, Measured], fids: dict[str, Callable[[np.ndarra
               teacher: str, cfg: EvaluateConfig) -> dict:
     """Bootstrap intervals over the prompts of every metric, and of each student's difference from `teacher` on
     the same resampled prompts (paired: what says whether it is better, level or worse). Per-prompt means: BCa;
-    FID: the resampled spread around the measured value (src/metrics.py, resampled_interval)."""
+    FID: the resampled spread around the measured value (src/scoring/metrics.py, resampled_interval)."""
     n = len(next(iter(measured.values())).clip)
     fid_resamples = cfg.coco.fid_resamples if cfg.mode == "coco" else cfg.bootstrap   # COCO: 2048-d roots
     opts = {"confidence": cfg.confidence, "seed": 0}
@@ -377,7 +417,7 @@ def report(metrics: dict, uncertainty: dict, n: int, cfg: EvaluateConfig, clip_n
                  "same prompts) and CLIP score use the embedded evaluator CLIP; attribute accuracy is the analytic "
                  "judge (all attributes right, then per attribute).")
     else:
-        intro = (f"COCO-30K protocol (DESIGN.md section 6): the first {n} val2014 captions, one image per caption "
+        intro = (f"COCO-30K protocol (docs/design.md, 'Evaluation protocol'): the first {n} val2014 captions, one image per caption "
                  f"with its own seed; generated and val2014 images centre-cropped and Lanczos-resized to "
                  f"{COCO_SIZE}; clean-fid (mode clean, Inception-v3) against every image in {cfg.coco.images}. "
                  f"CLIP score: cosine similarity, backbone {clip_name}.")

@@ -39,9 +39,9 @@ except ImportError:                 # the pipeline's install leaves Prefect out
     raise SystemExit("python -m src.flows: prefect is not installed; install the flows extra: "
                      "pip install -e '.[flows]'") from None
 
-from . import manifest
-from .errors import UserError, run_cli
-from .fileio import atomic_dir
+from .core import manifest
+from .core.errors import UserError, run_cli
+from .core.fileio import atomic_dir
 
 METRIC_FILES = ("reports/eval/metrics.json", "reports/export/metrics.json", "reports/distill/metrics.json")
 ARTIFACT = "models/onnx"

@@ -26,8 +26,8 @@ from typing import Literal
 
 import torch
 
-from .errors import UserError, run_cli
-from .fileio import atomic_dir
+from .core.errors import UserError, run_cli
+from .core.fileio import atomic_dir
 
 Arch = Literal["sd15", "sd21-base", "sd21"]
 ARCHES: tuple[str, ...] = ("sd15", "sd21-base", "sd21")
@@ -35,7 +35,7 @@ VOCAB_SIZE = 49408                     # every SD tokenizer: 256 bytes x 2 + 48,
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-# ---- the public configs, as numbers (DESIGN.md section 12)
+# ---- the public configs, as numbers (docs/design.md, "Real teachers")
 
 _UNET_COMMON = dict(
     act_fn="silu", block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,

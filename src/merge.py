@@ -1,4 +1,4 @@
-"""SwiftBrush v2's weight merge of two one-step students (DESIGN.md section 15).
+"""SwiftBrush v2's weight merge of two one-step students (docs/design.md, "SwiftBrush v2, the parts adopted").
 
     python -m src.merge A B --lam 0.5 --out models/merged
     python -m src.merge A B --curve 0,0.25,0.5,0.75,1 --report reports/distill/merge.md
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, run_cli
-from .fileio import atomic_dir, atomic_file
+from .core.errors import UserError, run_cli
+from .core.fileio import atomic_dir, atomic_file
 
 SHARED_PARTS = ("text_encoder", "vae", "tokenizer")     # must be the same teacher's in A and B
 
@@ -107,10 +107,10 @@ def merge(a: Path, b: Path, lam: float, out: Path) -> Path:
 def curve(a: Path, b: Path, lams: list[float], work: Path, report: Path, params: str = "params.yaml",
           overrides: list[str] | None = None, labels: tuple[str, str] | None = None) -> list[dict]:
     """Merge and evaluate at every lam; write the markdown table and the sample grid; return the rows."""
-    from .config import load_config
+    from .core.config import load_config
+    from .core.figures import sample_grid
+    from .core.prompts import read_prepared
     from .evaluate import Paths, evaluate, load_folder
-    from .figures import sample_grid
-    from .prepare import read_prepared
 
     config = load_config(params, overrides or [])
     cfg = config.evaluate
@@ -143,7 +143,7 @@ def curve_report(rows: list[dict], labels: tuple[str, str], teacher: str, grid_n
     from .evaluate import HEADLINE, verdict
 
     first = rows[0]["intervals"]
-    lines = [f"# Weight merge: lam * A + (1 - lam) * B", "",
+    lines = ["# Weight merge: lam * A + (1 - lam) * B", "",
              f"A = {labels[0]}, B = {labels[1]} (lam 1 is A alone, 0 is B alone). Each merge evaluated on the same "
              f"{first.get('prompts', '?')} eval prompts and seeds as {teacher}; in brackets the "
              f"{first.get('confidence', 0.95):.0%} bootstrap interval over the prompts; the last columns are the "

@@ -26,10 +26,11 @@ from typing import IO, Iterable, Iterator
 
 from tqdm import tqdm
 
-from .config import PrepareConfig, SourceConfig, WorldConfig, stage_config
-from .errors import UserError, run_cli
-from .fileio import atomic_file, write_json
-from .text import normalize_counted
+from .core.config import PrepareConfig, SourceConfig, WorldConfig, stage_config
+from .core.errors import UserError, run_cli
+from .core.fileio import atomic_file, write_json
+from .core.prompts import derive_seed, read_prepared
+from .core.text import normalize_counted
 from .world.scene import caption, sample_scene
 
 TOKENIZE_BATCH = 8192
@@ -64,12 +65,6 @@ class SplitStats:
     excluded: int = 0  # world train prompts equal to an eval prompt (skipped: splits stay disjoint)
     overlap_with_train: int = 0  # eval prompts that also occur in train (file sources; counted, kept)
     stopped_at_limit: bool = False
-
-
-def derive_seed(seed: int, *keys: object) -> int:
-    """A stable 31-bit seed for (seed, keys...): independent of batch sizes and Python's hash salt."""
-    text = ":".join(str(k) for k in (seed, *keys)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & 0x7FFFFFFF
 
 
 def _dedupe_key(text: str) -> bytes:
@@ -388,17 +383,6 @@ def wider_eval(cfg: PrepareConfig, world: WorldConfig, seed: int, limit: int, ou
     with atomic_file(out) as f:
         return write_split("eval", cfg.eval.model_copy(update={"limit": limit}), world, seed,
                            load_tokenizer(cfg.tokenizer), cfg.max_tokens, f, exclude, set())
-
-
-def read_prepared(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Records of a prepared prompts file (this stage's output), the first `limit` if given."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: not found (run `dvc repro prepare` first)")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not records:
-        raise UserError(f"{path}: no prompts")
-    return records[:limit] if limit else records
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, run_cli
-from .fileio import atomic_file
+from .core.errors import UserError, run_cli
+from .core.fileio import atomic_file
 
 METRICS_FILE = "reports/eval/metrics.json"
 COLUMNS = {"fid": "FID", "clip_score": "CLIP score", "attribute_accuracy": "accuracy"}

@@ -61,7 +61,7 @@ def micro_models(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def world_prompts(tmp_path_factory, tokenizer_dir) -> Path:
     """A small prepared prompt folder (train.jsonl, eval.jsonl) from the world grammar."""
-    from src.config import PrepareConfig, SourceConfig, WorldConfig
+    from src.core.config import PrepareConfig, SourceConfig, WorldConfig
     from src.prepare import prepare
 
     out = tmp_path_factory.mktemp("prompts")
@@ -74,7 +74,7 @@ def world_prompts(tmp_path_factory, tokenizer_dir) -> Path:
 def micro_student(tmp_path_factory, micro_models, world_prompts) -> Path:
     """A student pipeline from two real distillation steps on the micro teacher, at a student timestep
     other than T-1 so that export and inference have to carry it."""
-    from src.config import DistillConfig
+    from src.core.config import DistillConfig
     from src.distill import Paths as DistillPaths
     from src.distill import distill
 
@@ -93,7 +93,7 @@ def micro_student(tmp_path_factory, micro_models, world_prompts) -> Path:
 def micro_onnx(tmp_path_factory, micro_student, world_prompts):
     """The micro student exported as the stage does by default (dynamo exporter; fp32 + fp16 + manifest):
     (folder, export metrics)."""
-    from src.config import ExportConfig
+    from src.core.config import ExportConfig
     from src.export import Paths, export
 
     root = tmp_path_factory.mktemp("export")
@@ -111,7 +111,7 @@ def micro_onnx_b(tmp_path_factory, micro_student, world_prompts) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from src.config import ExportConfig
+    from src.core.config import ExportConfig
     from src.export import Paths, export
 
     root = tmp_path_factory.mktemp("export_b")

@@ -19,36 +19,32 @@ def test_gpu_profile_runs_at_tiny_size_on_cpu(tmp_path):
     assert "SwiftBrush step" in (tmp_path / "README.md").read_text()
 
 
-def test_every_vsd_step_variant_computes_the_reference_gradient(tiny_unet):
-    """The speed-ups of the VSD step keep its mathematics: same student gradient as the 4-call reference."""
-    import torch
+def test_every_vsd_step_variant_computes_the_reference_gradient(tmp_path, micro_models, world_prompts):
+    """The speed-ups of the VSD step keep its mathematics: same student gradient as the 4-call reference,
+    each inside a run built as distill builds it, its steps distill's own."""
+    from src.bench.vsd_step import BASE_OVERRIDES, VARIANTS, Variant, compare
 
-    from diffusers import DDPMScheduler
-
-    from src.bench.vsd_step import VARIANTS, Variant, compare
-
-    abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    unet = tiny_unet()
-    g = torch.Generator().manual_seed(0)
-    cond, uncond = torch.randn(3, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    models, _ = micro_models
 
     def wrong_guidance(cfg, *args):               # a variant that changes the maths must be caught
-        from src.vsd import VSDLoss
+        from dataclasses import replace
 
-        return VSDLoss(guidance_scale=1.0)(*args)[0]
+        return replace(cfg, guidance_scale=1.0)(*args)[0]
 
-    rows = compare(unet, cond, uncond, abar, repeats=1,
+    overrides = BASE_OVERRIDES + [f"distill.teacher={models / 'teacher'}", "distill.batch_size=3",
+                                  "distill.lora_rank=4", "distill.lora_alpha=8", "distill.resolution=null"]
+    rows = compare(overrides, tmp_path, repeats=1, train_prompts=world_prompts / "train.jsonl",
                    variants=VARIANTS + (Variant("wrong guidance", wrong_guidance),))
     by_name = {r["variant"]: r for r in rows}
     assert len(by_name) == len(VARIANTS) + 1
     for v in VARIANTS:
-        assert by_name[v.name]["grad_max_rel_diff"] < 1e-4, v.name
+        assert by_name[v.name]["grad_max_rel_diff"] < 5e-4, v.name     # rounding (measured ~3e-5)
         assert by_name[v.name]["s_per_step"] > 0
     assert by_name["wrong guidance"]["grad_max_rel_diff"] > 1e-2
 
 
 def test_round_robin_times_every_run_in_turns_and_the_teacher_every_other_round():
-    from src.bench.__main__ import round_robin
+    from src.bench.common import round_robin
 
     calls = []
     runs = {name: (lambda name=name: calls.append(name)) for name in ("onnx", "torch", "teacher_25")}

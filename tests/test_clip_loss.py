@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.clip_loss import load_clip_loss
+from src.core.errors import UserError
 from src.distill import clip_weight
-from src.errors import UserError
+from src.method.clip_loss import load_clip_loss
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_a_folder_that_is_not_a_clip_is_refused(tmp_path):
 
 
 def test_distill_with_the_clip_loss_logs_it_and_moves_the_student(tmp_path, micro_models, world_prompts):
-    from src.config import DistillConfig
+    from src.core.config import DistillConfig
     from src.distill import Paths, distill
 
     models, _ = micro_models

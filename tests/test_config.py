@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from src.config import Config, apply_overrides, config_from_dict, load_config
-from src.errors import UserError
+from src.core.config import Config, apply_overrides, config_from_dict, load_config
+from src.core.errors import UserError
 
 
 def test_repository_params_validate(repo):

@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-from src import checkpoint
-from src.config import DistillConfig
+from src.core import checkpoint
+from src.core.config import DistillConfig
+from src.core.errors import UserError
 from src.distill import NonFiniteError, Paths, batch_indices, distill
-from src.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,9 +38,9 @@ def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tm
                                                                               student_timestep):
     from diffusers import StableDiffusionPipeline
 
-    from src.noise import initial_noise
-    from src.onestep import generate, timestep_of
-    from src.teacher import alphas_cumprod, load_pipeline
+    from src.method.noise import initial_noise
+    from src.method.onestep import one_step_images, timestep_of
+    from src.method.teacher import alphas_cumprod, load_pipeline
 
     models, _ = micro_models
     paths = _paths(tmp_path, world_prompts)
@@ -62,7 +62,7 @@ def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tm
     via_pipeline = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, output_type="np",
                         latents=torch.from_numpy(latents)).images
     teacher = load_pipeline(str(models / "teacher"))
-    ours = generate(teacher, pipe.unet, prompts, seeds, alphas_cumprod(teacher), timestep=t_s)
+    ours = one_step_images(teacher, pipe.unet, prompts, seeds, alphas_cumprod(teacher), timestep=t_s)
     assert np.abs(via_pipeline * 255 - ours.astype(np.float32)).max() <= 1.0  # same image (uint8 rounding)
     # The student moved away from the teacher.
     diff = sum((a - b).abs().sum() for a, b in zip(pipe.unet.parameters(), teacher.unet.parameters()))
@@ -86,7 +86,7 @@ def test_the_ema_round_trips_through_safetensors_without_pickle(tmp_path):
     """A resumed EMA continues exactly: the same shadow weights and the same warm-up position."""
     from safetensors import safe_open
 
-    from src.distill import load_ema, save_ema, student_ema
+    from src.core.checkpoint import load_ema, save_ema, student_ema
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -127,7 +127,7 @@ def test_no_load_in_src_uses_pickle():
 def test_student_ema_follows_the_documented_warm_up():
     """The shipped weights are an EMA whose k-th update uses min(decay, k / (9 + k)) (k >= 2; the
     first copies the weights), as params.yaml and the config describe; checked by a recurrence."""
-    from src.distill import student_ema
+    from src.core.checkpoint import student_ema
 
     assert student_ema(torch.nn.Linear(2, 2).parameters(), None) is None
     model = torch.nn.Linear(3, 2)
@@ -276,7 +276,7 @@ def test_non_finite_steps_stop_the_run_with_a_clear_error(tmp_path, micro_models
 
 
 def test_teacher_folder_errors(tmp_path, micro_models):
-    from src.teacher import load_pipeline
+    from src.method.teacher import load_pipeline
 
     with pytest.raises(UserError, match="no model_index.json"):
         load_pipeline(str(tmp_path))
@@ -323,7 +323,7 @@ def test_a_launch_with_another_process_count_is_refused_by_name(tmp_path, micro_
 
 
 def test_worker_environment_joins_the_processes_on_loopback():
-    from src.launch import worker_env
+    from src.core.launch import worker_env
 
     env = worker_env({"PATH": "/bin"}, 1, 2, 29500, cuda=False, cores=2)
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
@@ -342,7 +342,7 @@ def test_lora_student_trains_its_adapter_and_ships_a_plain_unet(tmp_path, micro_
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from src.teacher import load_pipeline
+    from src.method.teacher import load_pipeline
 
     models, _ = micro_models
     paths = _paths(tmp_path, world_prompts)
@@ -383,8 +383,7 @@ def test_merge_adapter_is_w_plus_scaled_ba(tiny_unet):
     """The merged UNet computes what the UNet with its adapter on computes: W' = W + (alpha / r) B A."""
     from peft import LoraConfig
 
-    from src.distill import merge_adapter
-    from src.vsd import adapters
+    from src.method.adapters import adapters, merge_adapter
 
     unet = tiny_unet()
     base = {k: v.clone() for k, v in unet.state_dict().items()}

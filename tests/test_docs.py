@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, Field
 
-from src.config import Config, Section, reference
+from src.config import reference
+from src.core.config import Config, Section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,3 +70,14 @@ def test_the_readme_is_a_short_page_whose_links_resolve():
             assert (REPO / target).exists(), target
     ci = (REPO / ".ci" / "run").read_text()
     assert "pytest -q" in text and ci.rstrip().endswith("pytest -q")        # the README's test command is CI's
+
+
+def test_no_file_cites_a_document_the_repository_does_not_hold():
+    """Every fact the code and docs rely on lives in the repository (docs/design.md), never in a brief
+    kept beside it."""
+    cited = ("DESIGN" + ".md", ".." + "/shared")           # spelt apart, so that this file does not cite them
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    texts = {f: (REPO / f).read_text(errors="ignore") for f in files
+             if (REPO / f).is_file() and (REPO / f).suffix in {".py", ".md", ".yaml", ".toml", ".txt", ".sh"}}
+    assert [f for f, text in texts.items() if any(c in text for c in cited)] == []

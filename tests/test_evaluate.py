@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from src.config import EvaluateConfig
+from src.core.config import EvaluateConfig
 from src.evaluate import Paths, evaluate
-from src.metrics import world_fid
+from src.scoring.metrics import feature_stats, frechet, world_features
 from src.world import render, sample_scene
 
 
@@ -71,7 +71,7 @@ def test_evaluate_writes_the_generator_table_and_resumes(tmp_path, micro_models,
 
 
 def test_missing_student_is_named(tmp_path, micro_models, world_prompts):
-    from src.errors import UserError
+    from src.core.errors import UserError
 
     models, _ = micro_models
     cfg = EvaluateConfig(evaluator=str(models / "evaluator"))
@@ -100,8 +100,13 @@ def test_fid_is_zero_against_itself_and_grows_with_noise(tmp_path, micro_models)
     _write_set(tmp_path / "a", clean)
     _write_set(tmp_path / "b", noisy(20))
     _write_set(tmp_path / "c", noisy(80))
-    same = world_fid(tmp_path / "a", tmp_path / "a", clip)
-    small, large = world_fid(tmp_path / "a", tmp_path / "b", clip), world_fid(tmp_path / "a", tmp_path / "c", clip)
+
+    def world_fid(a, b):                 # as evaluate computes it: evaluator features, their statistics, Frechet
+        stats = [feature_stats(world_features(sorted(d.glob("*.png")), clip)) for d in (a, b)]
+        return frechet(*stats)
+
+    same = world_fid(tmp_path / "a", tmp_path / "a")
+    small, large = world_fid(tmp_path / "a", tmp_path / "b"), world_fid(tmp_path / "a", tmp_path / "c")
     assert abs(same) < 1e-3
     assert same < small < large
 
@@ -130,7 +135,7 @@ def test_clip_score_prefers_matched_captions(repo):
     """With the committed evaluator: images score higher with their own caption than with shuffled ones."""
     import random
 
-    from src.metrics import TransformersClip, clip_score
+    from src.scoring.metrics import TransformersClip, clip_similarities
     from src.world import caption
 
     r = random.Random(1)
@@ -139,16 +144,16 @@ def test_clip_score_prefers_matched_captions(repo):
     captions = [caption(s, r) for s in scenes]
     shuffled = captions[1:] + captions[:1]
     scorer = TransformersClip(repo / "models" / "evaluator")
-    matched = clip_score(scorer, [(images, captions)])
-    other = clip_score(scorer, [(images, shuffled)])
+    matched = float(clip_similarities(scorer, [(images, captions)]).mean())
+    other = float(clip_similarities(scorer, [(images, shuffled)]).mean())
     assert matched > other + 0.1
 
 
 def test_the_table_ranks_a_broken_generator_last(tmp_path, repo):
     """Committed teacher and evaluator; the 'student' is the teacher with its UNet scrambled."""
+    from src.core.config import PrepareConfig, SourceConfig, WorldConfig
+    from src.method.teacher import load_pipeline
     from src.prepare import prepare
-    from src.config import PrepareConfig, SourceConfig, WorldConfig
-    from src.teacher import load_pipeline
 
     prompts = tmp_path / "prompts"
     prepare(PrepareConfig(tokenizer=str(repo / "models/teacher/tokenizer"), train=SourceConfig(limit=4),

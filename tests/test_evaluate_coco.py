@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from src.config import EvaluateConfig, PrepareConfig, SourceConfig, WorldConfig
-from src.errors import UserError
+from src.core.config import EvaluateConfig, PrepareConfig, SourceConfig, WorldConfig
+from src.core.errors import UserError
 from src.evaluate import Paths, evaluate
-from src.metrics import COCO_SIZE, center_crop_resize, file_listing_key, folder_stats, load_inception
 from src.prepare import prepare
+from src.scoring.metrics import COCO_SIZE, center_crop_resize, file_listing_key, folder_stats, load_inception
 
 
 class TinyInception(torch.nn.Module):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.config import ExportConfig
-from src.errors import UserError
+from src.core.config import ExportConfig
+from src.core.errors import UserError
 from src.export import Paths, export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,30 +76,29 @@ def test_export_without_student_says_what_to_run(tmp_path):
 
 
 def test_onnx_images_match_the_pytorch_student_for_the_same_seeds(onnx_dir, micro_student, micro_models):
-    from src.infer import generate, load_artifact
-    from src.onestep import generate as torch_generate
-    from src.onestep import timestep_of
-    from src.teacher import alphas_cumprod, load_pipeline
+    from src.method.onestep import one_step_images, timestep_of
+    from src.method.teacher import alphas_cumprod, load_pipeline
+    from src.serving.runtime import load_artifact, stream_images
 
     folder, _ = onnx_dir
     pipe = load_pipeline(str(micro_student))
     seeds = [11, 12, 13]
     assert timestep_of(pipe) == 899 == json.loads((folder / "onestep.json").read_text())["timestep"]
-    expected = torch_generate(pipe, pipe.unet, PROMPTS, seeds, alphas_cumprod(pipe), timestep=899)
+    expected = one_step_images(pipe, pipe.unet, PROMPTS, seeds, alphas_cumprod(pipe), timestep=899)
     # Without a timestep, generate reads the saved student's own from its scheduler, also when given
     # the teacher's whole schedule (as evaluate does).
     full = alphas_cumprod(load_pipeline(str(micro_models[0] / "teacher")))
     assert len(full) == 1000
-    assert np.array_equal(torch_generate(pipe, pipe.unet, PROMPTS, seeds, full), expected)
+    assert np.array_equal(one_step_images(pipe, pipe.unet, PROMPTS, seeds, full), expected)
     art = load_artifact(folder, "fp32", "cpu")
-    got = np.stack([img for _, img in generate(art, PROMPTS, seeds, batch_size=2)])
+    got = np.stack([img for _, img in stream_images(art, PROMPTS, seeds, batch_size=2)])
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1       # uint8 rounding at most
     # Batch size never changes an image.
-    one_by_one = np.stack([img for _, img in generate(art, PROMPTS, seeds, batch_size=1)])
+    one_by_one = np.stack([img for _, img in stream_images(art, PROMPTS, seeds, batch_size=1)])
     assert np.array_equal(one_by_one, got)
     # Session tuning (no graph optimisation, one thread) changes speed, not pictures.
     plain = load_artifact(folder, "fp32", "cpu", optimization="disable", threads=1)
-    same = np.stack([img for _, img in generate(plain, PROMPTS, seeds, batch_size=3)])
+    same = np.stack([img for _, img in stream_images(plain, PROMPTS, seeds, batch_size=3)])
     assert np.abs(same.astype(int) - got.astype(int)).max() <= 1
     # Workers split a batch into parts that run at once, each on its own thread: the same images.
     split = load_artifact(folder, "fp32", "cpu", workers=2)
@@ -114,7 +113,7 @@ def test_onnx_images_match_the_pytorch_student_for_the_same_seeds(onnx_dir, micr
             return self.session.run(names, feed)
 
     split.session = Recording(split.session)
-    parts = np.stack([img for _, img in generate(split, PROMPTS, seeds, batch_size=3)])
+    parts = np.stack([img for _, img in stream_images(split, PROMPTS, seeds, batch_size=3)])
     assert np.array_equal(parts, got)
     assert sorted(n for n, _ in calls) == [1, 2] and all(t.startswith("onnx-worker") for _, t in calls)
     with pytest.raises(UserError, match="workers: expected a positive integer"):
@@ -122,14 +121,14 @@ def test_onnx_images_match_the_pytorch_student_for_the_same_seeds(onnx_dir, micr
 
 
 def test_tokenization_matches_the_pipeline_and_truncates_like_diffusers(onnx_dir, micro_student):
-    from src.infer import load_artifact, tokenize
-    from src.teacher import load_pipeline
+    from src.method.teacher import load_pipeline
+    from src.serving.runtime import contract_token_ids, load_artifact
 
     folder, _ = onnx_dir
     tok = load_pipeline(str(micro_student)).tokenizer
     prompts = PROMPTS + [" ".join(["a red circle on a blue background"] * 20), "Ünïcode   spaced  OUT"]
     art = load_artifact(folder, "fp32", "cpu")
-    ours, cut = tokenize(art.tokenizer, art.contract, prompts)
+    ours, cut = contract_token_ids(art.tokenizer, art.contract, prompts)
     theirs = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                  return_tensors="np").input_ids
     assert np.array_equal(ours, theirs)
@@ -216,7 +215,7 @@ def test_per_weight_files_are_consolidated_and_converted_to_fp16(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from src.export import consolidate, export_fp16
+    from src.artifact.graph import consolidate, export_fp16
 
     rng = np.random.default_rng(0)
     w1, b1 = rng.standard_normal((64, 320)).astype(np.float32), rng.standard_normal(320).astype(np.float32)
@@ -300,8 +299,8 @@ def test_damage_behind_a_consistent_manifest_is_still_a_clear_error(tmp_path, on
     """A hand-assembled folder whose manifest was rewritten after the damage: the file checks still name it."""
     import shutil
 
-    from src import manifest
-    from src.infer import load_artifact
+    from src.core import manifest
+    from src.serving.runtime import load_artifact
 
     folder = tmp_path / "onnx"
     shutil.copytree(onnx_dir[0], folder)
@@ -315,7 +314,7 @@ def test_damage_behind_a_consistent_manifest_is_still_a_clear_error(tmp_path, on
 def test_export_writes_a_manifest_that_verifies_every_file(onnx_dir):
     import hashlib
 
-    from src import manifest
+    from src.core import manifest
 
     folder, metrics = onnx_dir
     m = manifest.read(folder)
@@ -334,7 +333,7 @@ def test_export_writes_a_manifest_that_verifies_every_file(onnx_dir):
 def test_the_legacy_torchscript_exporter_meets_the_same_parity_bars(tmp_path, micro_student, world_prompts):
     """export.exporter: torchscript (the legacy tracer) writes the same contract as the default dynamo exporter:
     dynamic batch, fp32 and fp16 above the bars."""
-    from src.infer import generate, load_artifact
+    from src.serving.runtime import load_artifact, stream_images
 
     metrics = export(ExportConfig(exporter="torchscript", opset=17, parity_prompts=3),
                      Paths(student=micro_student, out=tmp_path / "onnx", reports=tmp_path / "rep",
@@ -342,8 +341,8 @@ def test_the_legacy_torchscript_exporter_meets_the_same_parity_bars(tmp_path, mi
     assert metrics["psnr_fp32"] >= 40 and metrics["psnr_fp16"] >= 30
     art = load_artifact(tmp_path / "onnx", provider="cpu")
     assert art.session.get_inputs()[0].shape[0] == "batch"
-    one = dict(generate(art, PROMPTS[:1], [3], batch_size=1))[0]
-    three = dict(generate(art, PROMPTS, [3, 4, 5], batch_size=3))
+    one = dict(stream_images(art, PROMPTS[:1], [3], batch_size=1))[0]
+    three = dict(stream_images(art, PROMPTS, [3, 4, 5], batch_size=3))
     assert np.abs(one.astype(int) - three[0].astype(int)).max() <= 1             # a batch of 1 is dynamic too
     assert "torchscript exporter" in (tmp_path / "onnx" / "README.md").read_text()
 
@@ -353,12 +352,12 @@ def test_io_binding_gives_the_same_images_as_a_plain_run(onnx_dir):
     it must give exactly the images of a plain session.run."""
     import dataclasses
 
-    from src.infer import load_artifact, tokenize
-    from src.noise import initial_noise
+    from src.method.noise import initial_noise
+    from src.serving.runtime import contract_token_ids, load_artifact
 
     art = load_artifact(onnx_dir[0], "fp32", "cpu")
     assert art.io_binding is False                   # CPU provider: plain runs
-    ids, _ = tokenize(art.tokenizer, art.contract, ["a red circle", "a blue square at the top"])
+    ids, _ = contract_token_ids(art.tokenizer, art.contract, ["a red circle", "a blue square at the top"])
     noise = initial_noise([3, 4], tuple(art.contract["latent_shape"]))
     plain = art.run(ids, noise)
     bound = dataclasses.replace(art, io_binding=True).run(ids, noise)
@@ -373,7 +372,7 @@ def test_cuda_fusions_apply_to_the_generator_and_a_cpu_machine_refuses_to_ship_t
     import onnx
     import torch
 
-    from src.export import fuse_cuda
+    from src.artifact.graph import fuse_cuda
 
     for name, folder in (("dynamo", onnx_dir[0]), ("torchscript", micro_onnx_b)):
         fused = fuse_cuda(folder / "fp32" / "model.onnx", tmp_path / f"{name}.onnx")
@@ -397,7 +396,7 @@ def test_ort_fusions_put_contrib_attention_in_both_graphs_with_the_same_images(t
     import onnx
 
     import src.export as export_mod
-    from src.infer import generate, load_artifact
+    from src.serving.runtime import load_artifact, stream_images
 
     monkeypatch.setattr(export_mod, "export_fp32", lambda pipe, path, opset, exporter: shutil.copy(
         onnx_dir[0] / "fp32" / "model.onnx", path))
@@ -413,8 +412,8 @@ def test_ort_fusions_put_contrib_attention_in_both_graphs_with_the_same_images(t
             plain_ops.count("Softmax"), precision
     assert "contrib attention operators" in (tmp_path / "onnx" / "README.md").read_text()
     seeds = [3, 4, 5]
-    fused = dict(generate(load_artifact(tmp_path / "onnx", "fp32", "cpu"), PROMPTS, seeds, batch_size=3))
-    plain = dict(generate(load_artifact(onnx_dir[0], "fp32", "cpu"), PROMPTS, seeds, batch_size=3))
+    fused = dict(stream_images(load_artifact(tmp_path / "onnx", "fp32", "cpu"), PROMPTS, seeds, batch_size=3))
+    plain = dict(stream_images(load_artifact(onnx_dir[0], "fp32", "cpu"), PROMPTS, seeds, batch_size=3))
     for i in range(3):
         assert np.abs(fused[i].astype(int) - plain[i].astype(int)).max() <= 1
 
@@ -447,7 +446,7 @@ def test_the_fp16_graph_keeps_the_glue_and_the_timestep_embedding_float32(onnx_d
     generator's own glue (the x0 arithmetic) and keeps it float32, while the networks run in float16."""
     import onnx
 
-    from src.export import fp32_node
+    from src.artifact.graph import fp32_node
 
     half = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_dir[0] / "fp16" / "model.onnx")), strict_mode=True)
     types = {v.name: v.type.tensor_type.elem_type for v in [*half.graph.value_info, *half.graph.output]}

@@ -1,4 +1,4 @@
-"""Bootstrap intervals of the evaluation (src/metrics.py): their width and pairing follow the statistics."""
+"""Bootstrap intervals of the evaluation (src/scoring/metrics.py): their width and pairing follow the statistics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from src.evaluate import verdict
-from src.metrics import feature_stats, frechet, mean_interval, resampled_interval
+from src.scoring.metrics import feature_stats, frechet, mean_interval, resampled_interval
 
 
 def test_mean_interval_matches_normal_theory():

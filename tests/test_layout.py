@@ -96,7 +96,7 @@ def test_stock_diffusers_loads_and_draws(tiny_folders, arch):
 
 
 def test_the_loader_accepts_every_layout(tiny_folders):
-    from src.teacher import load_pipeline
+    from src.method.teacher import load_pipeline
 
     for arch in ARCHES:
         pipe = load_pipeline(str(tiny_folders[arch][0]))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from src.errors import UserError
+from src.core.errors import UserError
 from src.merge import main, merge, merge_states, parse_lams
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -25,9 +25,9 @@ def _perturbed_copy(src, dst, seed=0):
 
 
 def test_merge_is_the_weighted_average_and_a_working_student(tmp_path, micro_student, world_prompts):
-    from src.onestep import generate
-    from src.prepare import read_prepared
-    from src.teacher import alphas_cumprod, load_pipeline
+    from src.core.prompts import read_prepared
+    from src.method.onestep import one_step_images
+    from src.method.teacher import alphas_cumprod, load_pipeline
 
     b = _perturbed_copy(micro_student, tmp_path / "b")
     wa, wb = load_file(str(micro_student / WEIGHTS)), load_file(str(b / WEIGHTS))
@@ -48,7 +48,7 @@ def test_merge_is_the_weighted_average_and_a_working_student(tmp_path, micro_stu
     # a complete pipeline that draws like any student
     pipe = load_pipeline(str(out))
     rec = read_prepared(world_prompts / "eval.jsonl", 2)
-    images = generate(pipe, pipe.unet, [r["prompt"] for r in rec], [r["seed"] for r in rec], alphas_cumprod(pipe),
+    images = one_step_images(pipe, pipe.unet, [r["prompt"] for r in rec], [r["seed"] for r in rec], alphas_cumprod(pipe),
                       2, torch.device("cpu"), timestep=meta["timestep"])
     assert images.shape[0] == 2 and images.std() > 0
 

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from src.config import PrepareConfig, SourceConfig, WorldConfig
-from src.errors import UserError
+from src.core.config import PrepareConfig, SourceConfig, WorldConfig
+from src.core.errors import UserError
+from src.core.text import normalize, normalize_counted
 from src.prepare import prepare
-from src.text import normalize, normalize_counted
 from src.world import read_scene, render, score
 from src.world.scene import Scene
 
@@ -270,7 +270,8 @@ def test_cli_error_is_one_line(tmp_path, repo):
 
 
 def test_wider_eval_extends_the_eval_set_and_stays_held_out(tmp_path, tokenizer_dir):
-    from src.prepare import _dedupe_key, read_prepared, wider_eval
+    from src.core.prompts import read_prepared
+    from src.prepare import _dedupe_key, wider_eval
 
     cfg = PrepareConfig(tokenizer=str(tokenizer_dir), train=SourceConfig(limit=50), eval=SourceConfig(limit=20))
     prepare(cfg, WorldConfig(), 0, tmp_path)

@@ -16,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
-from src import manifest
-from src.config import ServeConfig
+from src.core import manifest
+from src.core.config import ServeConfig
 from src.flows import Decision, StageFailed, promote
-from src.serve import Service, create_app, load_model
+from src.serving.app import create_app
+from src.serving.service import Service, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle at the top on a blue background"
@@ -258,7 +258,7 @@ def test_promotions_swap_in_under_load_without_a_failed_request(micro_onnx, micr
         graph.write_bytes(graph.read_bytes()[:1000])
         with pytest.raises(StageFailed, match="model.onnx"):
             _promote(broken, production, tmp_path)                   # src.flows checks before it swaps
-        from src.fileio import atomic_dir
+        from src.core.fileio import atomic_dir
 
         with atomic_dir(production / "current") as tmp:              # ... and a hand-made one reaches the server
             shutil.copytree(broken, tmp / "onnx")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from src.errors import UserError
+from src.core.errors import UserError
 from src.sweep import groups, main, runs, summary
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.errors import UserError
-from src.teacher import load_tiny_decoder
+from src.core.errors import UserError
+from src.method.teacher import load_tiny_decoder
 
 
 def _vae(models):
@@ -35,7 +35,7 @@ def test_micro_build_writes_a_taesd_format_folder_that_decodes_the_teachers_late
 
 def test_distilling_the_vae_brings_the_tiny_decoder_close_to_it(micro_models):
     """Training must move the decoder's output onto the VAE's: PSNR against the VAE's decodes rises a lot."""
-    from src.world.build import MICRO, render_scenes
+    from src.world.build import render_scenes
     from src.world.tiny_decoder import TinySpec, check_tiny, make_tiny, train_tiny
 
     models, _ = micro_models
@@ -67,7 +67,7 @@ def test_bad_tiny_decoder_folders_are_named(micro_models, tmp_path):
 def test_distill_with_the_tiny_clip_decoder_trains_through_it(tmp_path, micro_models, world_prompts):
     """distill.clip_decoder: tiny runs, and the CLIP loss's gradient really goes through the tiny decoder: the
     student differs from one trained with the VAE as the CLIP decoder, with everything else equal."""
-    from src.config import DistillConfig
+    from src.core.config import DistillConfig
     from src.distill import Paths, distill
 
     models, _ = micro_models
@@ -87,9 +87,9 @@ def test_distill_with_the_tiny_clip_decoder_trains_through_it(tmp_path, micro_mo
 
 
 def test_export_with_the_tiny_decoder_holds_parity_and_infers(tmp_path, micro_models, micro_student, world_prompts):
-    from src.config import ExportConfig
+    from src.core.config import ExportConfig
     from src.export import Paths, export
-    from src.infer import generate, load_artifact
+    from src.serving.runtime import load_artifact, stream_images
 
     models, _ = micro_models
     out = tmp_path / "onnx"
@@ -100,7 +100,7 @@ def test_export_with_the_tiny_decoder_holds_parity_and_infers(tmp_path, micro_mo
     assert json.loads((out / "onestep.json").read_text())["decoder"] == "AutoencoderTiny"
     assert "tiny decoder (TAESD format)" in (out / "README.md").read_text()
     art = load_artifact(out, "fp32", "cpu")
-    [(index, image)] = list(generate(art, ["a red circle"], [0], 1))
+    [(index, image)] = list(stream_images(art, ["a red circle"], [0], 1))
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     with pytest.raises(UserError, match="tiny_decoder"):
         export(ExportConfig(decoder="tiny"), Paths(student=micro_student, out=tmp_path / "o2", reports=tmp_path / "r2"))

@@ -7,8 +7,17 @@ import copy
 import pytest
 import torch
 
-from src.vsd import (LoRALoss, VSDLoss, add_noise, adapters, cfg_combine, eps_from_output, surrogate_loss,
-                     vsd_grad, x0_from_output)
+from src.method.adapters import adapters
+from src.method.vsd import (
+    LoRALoss,
+    VSDLoss,
+    add_noise,
+    cfg_combine,
+    eps_from_output,
+    surrogate_loss,
+    vsd_grad,
+    x0_from_output,
+)
 
 
 def with_lora(unet, perturb: bool = True, seed: int = 1):
@@ -211,7 +220,7 @@ class _OracleUNet(torch.nn.Module):
 
 @pytest.mark.parametrize("timestep, expected", [(None, 999), (899, 899), (1, 1)])
 def test_student_x0_asks_and_converts_at_the_student_timestep(schedule, timestep, expected):
-    from src.onestep import student_x0
+    from src.method.onestep import student_x0
 
     g = torch.Generator().manual_seed(0)
     x0, z = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -227,8 +236,8 @@ def test_student_x0_asks_and_converts_at_the_student_timestep(schedule, timestep
 
 @pytest.mark.parametrize("bad", [0, 1000, -5])
 def test_student_timestep_outside_the_schedule_is_refused(schedule, bad):
-    from src.errors import UserError
-    from src.onestep import student_timestep
+    from src.core.errors import UserError
+    from src.method.onestep import student_timestep
 
     with pytest.raises(UserError, match=r"distill.student_timestep = .*expected 1\.\.999"):
         student_timestep(schedule.alphas_cumprod, bad)
@@ -236,7 +245,7 @@ def test_student_timestep_outside_the_schedule_is_refused(schedule, bad):
 
 @pytest.mark.parametrize("timestep", [999, 899, 399])
 def test_one_step_scheduler_steps_once_at_the_timestep_to_x0(schedule, timestep):
-    from src.onestep import one_step_scheduler, timestep_of
+    from src.method.onestep import one_step_scheduler, timestep_of
 
     scheduler = one_step_scheduler(schedule, timestep)
     scheduler.set_timesteps(1)

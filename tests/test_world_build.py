@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.errors import UserError
-from src.world.build import MICRO, apply_build_overrides, object_weights
+from src.core.errors import UserError
+from src.world.build import MICRO, apply_build_overrides
+from src.world.training import object_weights
 
 
 def test_teacher_loads_with_the_stock_pipeline_and_is_sd_shaped(micro_models):
@@ -87,7 +88,7 @@ def test_guide_clip_is_its_own_model_and_can_be_built_alone(micro_models, tmp_pa
 
 
 def test_measure_writes_metrics_table_and_grid(micro_models, tmp_path, tokenizer_dir):
-    from src.config import PrepareConfig, SourceConfig, WorldConfig
+    from src.core.config import PrepareConfig, SourceConfig, WorldConfig
     from src.prepare import prepare
     from src.world.measure import measure
 

@@ -11,8 +11,6 @@ on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,51 +19,11 @@ from typing import Callable
 
 import torch
 
-from ..config import load_config
-from ..errors import UserError, run_cli
-from ..fileio import atomic_file, write_json
-from ..prepare import read_prepared
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def round_robin(runs: dict[str, Callable[[], object]], repeats: int, sparse: tuple[str, ...] = (),
-                burst: int = 1) -> dict[str, float]:
-    """Median wall time of each run, after one warm-up each, timed in turns (one timed call of every run per
-    round), so that a machine that speeds up or slows down during the benchmark shifts every run alike and their
-    ratios hold. `burst`: calls per run and round, the last one timed (the others re-warm the caches the other
-    runs evicted, as a process serving one model keeps them warm). Runs whose name contains a `sparse` word (the
-    slow teacher) are timed every other round, once."""
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(repeats):
-        for name, fn in runs.items():
-            slow = any(w in name for w in sparse)
-            if r % 2 and slow:
-                continue
-            for _ in range(0 if slow else burst - 1):
-                fn()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}"
+from ..core.config import load_config
+from ..core.errors import UserError, run_cli
+from ..core.fileio import atomic_file, write_json
+from ..core.prompts import read_prepared
+from .common import machine, round_robin, timed
 
 
 def tiny_artifact(student: Path, tiny_decoder: Path, out: Path) -> Path:
@@ -81,7 +39,7 @@ def tiny_artifact(student: Path, tiny_decoder: Path, out: Path) -> Path:
 def in_parts(n: int, workers: int, pool, call: Callable[[int, int, int], object]) -> list:
     """call(k, lo, hi) for the `workers` contiguous parts k of range(n), at once on `pool`, PyTorch's threads shared
     out among them."""
-    from ..infer import contiguous_parts
+    from ..serving.runtime import contiguous_parts
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))
@@ -99,10 +57,9 @@ def bench_inference(student: Path, artifacts: dict[str, Path], teacher: str, pro
     and fp16, the PyTorch student with each decoder, the teacher N steps + CFG (PyTorch). At the largest batch
     also every generator with its batch split over `workers` concurrent calls (`_w2`: the artifact with
     `load_artifact(workers=2)`, PyTorch on one thread per part, the teacher with a scheduler per part)."""
-    from ..infer import generate as ort_generate
-    from ..infer import load_artifact
-    from ..onestep import generate as torch_generate
-    from ..teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
+    from ..method.onestep import one_step_images
+    from ..method.teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
+    from ..serving.runtime import load_artifact, stream_images
 
     student_pipe, teacher_pipe = load_pipeline(str(student)), load_pipeline(teacher)
     pipes = {"vae": student_pipe}
@@ -114,9 +71,9 @@ def bench_inference(student: Path, artifacts: dict[str, Path], teacher: str, pro
     rows: dict[str, dict] = {}
     for b in batches:
         ps, seeds = (prompts * b)[:b], list(range(b))
-        runs = {f"onnx_{p}{suffix(d)}_b{b}": (lambda a=a: list(ort_generate(a, ps, seeds, b)))
+        runs = {f"onnx_{p}{suffix(d)}_b{b}": (lambda a=a: list(stream_images(a, ps, seeds, b)))
                 for (d, p), a in arts.items()}
-        runs |= {f"torch_student{suffix(d)}_b{b}": (lambda pipe=pipe: torch_generate(pipe, pipe.unet, ps, seeds, abar, b))
+        runs |= {f"torch_student{suffix(d)}_b{b}": (lambda pipe=pipe: one_step_images(pipe, pipe.unet, ps, seeds, abar, b))
                  for d, pipe in pipes.items()}
         runs[f"teacher_{teacher_steps}_b{b}"] = lambda: teacher_pipe(
             ps, num_inference_steps=teacher_steps, guidance_scale=guidance, output_type="np",
@@ -139,18 +96,17 @@ def split_runs(arts: dict, pipes: dict, teacher_pipe, artifacts: dict[str, Path]
 
     from diffusers import StableDiffusionPipeline
 
-    from ..infer import generate as ort_generate
-    from ..infer import load_artifact
-    from ..onestep import generate as torch_generate
+    from ..method.onestep import one_step_images
+    from ..serving.runtime import load_artifact, stream_images
 
     w = f"_w{workers}"
     runs: dict[str, Callable] = {}
     for d, folder in artifacts.items():
         art = load_artifact(folder, "fp32", "cpu", workers=workers)
-        runs[f"onnx_fp32{suffix(d)}{w}_b{b}"] = lambda a=art: list(ort_generate(a, ps, seeds, b))
+        runs[f"onnx_fp32{suffix(d)}{w}_b{b}"] = lambda a=art: list(stream_images(a, ps, seeds, b))
     for d, pipe in pipes.items():
         runs[f"torch_student{suffix(d)}{w}_b{b}"] = lambda pipe=pipe: in_parts(
-            b, workers, pool, lambda k, lo, hi: torch_generate(pipe, pipe.unet, ps[lo:hi], seeds[lo:hi], abar, hi - lo))
+            b, workers, pool, lambda k, lo, hi: one_step_images(pipe, pipe.unet, ps[lo:hi], seeds[lo:hi], abar, hi - lo))
     # diffusers' schedulers keep per-call state (the step index): one scheduler per part, the modules shared
     parts = [StableDiffusionPipeline(**{**teacher_pipe.components, "scheduler": copy.deepcopy(teacher_pipe.scheduler)})
              for _ in range(workers)]
@@ -197,14 +153,14 @@ def headlines(inf: dict, big: int, teacher_steps: int) -> dict:
 
 def bench_ort_options(onnx_dir: Path, prompts: list[str], batch: int, repeats: int) -> dict:
     """images/s of the fp32 graph under each graph optimisation level and CPU thread count."""
-    from ..infer import OPTIMIZATION, generate, load_artifact
+    from ..serving.runtime import OPTIMIZATION, load_artifact, stream_images
 
     ps, seeds = (prompts * batch)[:batch], list(range(batch))
     out = {}
     for threads in (1, 0):
         for level in OPTIMIZATION:
             art = load_artifact(onnx_dir, "fp32", "cpu", optimization=level, threads=threads)
-            t = timed(lambda: list(generate(art, ps, seeds, batch)), repeats)
+            t = timed(lambda: list(stream_images(art, ps, seeds, batch)), repeats)
             out[f"{level}_threads{threads or 'all'}"] = round(batch / t, 1)
     return out
 

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import run_cli
-from ..fileio import write_json
-from ..onestep import initial_noise, student_x0
-from ..prepare import read_prepared
-from ..teacher import alphas_cumprod, encode_prompts, load_pipeline
+from ..core.errors import run_cli
+from ..core.fileio import write_json
+from ..core.prompts import read_prepared
+from ..method.onestep import initial_latents, student_x0
+from ..method.teacher import alphas_cumprod, encode_prompts, load_pipeline
 
 
 def capacity(teacher: str, n_pairs: int = 3072, steps: int = 1200, batch: int = 32, lr: float = 1e-4,
@@ -38,7 +38,7 @@ def capacity(teacher: str, n_pairs: int = 3072, steps: int = 1200, batch: int = 
     shape = (pipe.unet.config.in_channels,) + (pipe.unet.config.sample_size,) * 2
     with torch.no_grad():
         targets = torch.cat([pipe(prompts[i:i + 256], num_inference_steps=teacher_steps, guidance_scale=guidance,
-                                  latents=initial_noise(seeds[i:i + 256], shape), output_type="latent").images
+                                  latents=initial_latents(seeds[i:i + 256], shape), output_type="latent").images
                              for i in tqdm(range(0, len(prompts), 256), desc="teacher targets")])
     student = copy.deepcopy(pipe.unet).train().requires_grad_(True)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
@@ -48,7 +48,7 @@ def capacity(teacher: str, n_pairs: int = 3072, steps: int = 1200, batch: int = 
     for step in tqdm(range(1, steps + 1), desc="regression"):
         idx = rng.choice(len(prompts), batch, replace=False)
         cond = encode_prompts(pipe, [prompts[i] for i in idx])
-        x0 = student_x0(student, initial_noise([seeds[i] for i in idx], shape), cond, abar)
+        x0 = student_x0(student, initial_latents([seeds[i] for i in idx], shape), cond, abar)
         loss = torch.nn.functional.mse_loss(x0, targets[idx])
         opt.zero_grad()
         loss.backward()

@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ExportConfig
-from ..errors import run_cli
-from ..fileio import atomic_file, write_json
-from .fullsize import machine_name
+from ..core.config import ExportConfig
+from ..core.errors import run_cli
+from ..core.fileio import atomic_file, write_json
+from .common import machine
 
 OUT = Path("reports/bench")
 
 
 def time_round_robin(sessions: dict, batch: int, repeats: int, max_length: int, latent: list[int]) -> dict[str, float]:
     """Median ms per call of each session, calls interleaved."""
-    from .__main__ import round_robin
+    from .common import round_robin
 
     feeds = {"input_ids": np.full((batch, max_length), 0, np.int64),
              "noise": np.random.default_rng(0).standard_normal((batch, *latent), dtype=np.float32)}
@@ -57,7 +57,7 @@ def full_size(arch: str, resolution: int, work: Path, out: Path, limit_gb: float
     spec = json.loads(unet_cfg.read_text())
     spec["sample_size"] = resolution // 8                 # the student's latent side (distill.resolution)
     unet_cfg.write_text(json.dumps(spec, indent=2) + "\n")
-    result: dict = {"machine": machine_name(), "arch": arch, "resolution": resolution, "exporters": {}}
+    result: dict = {"machine": machine(), "arch": arch, "resolution": resolution, "exporters": {}}
     for name, opset in (("torchscript", 17), ("dynamo", 18)):
         (work / "params.yaml").write_text(json.dumps(
             {"export": {"exporter": name, "opset": opset, "parity_prompts": 2}}) + "\n")
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
 
     from ..export import Paths, export
-    from ..infer import read_contract
+    from ..serving.runtime import read_contract
 
-    result: dict = {"machine": machine_name(), "student": str(args.student), "exporters": {}}
+    result: dict = {"machine": machine(), "student": str(args.student), "exporters": {}}
     with tempfile.TemporaryDirectory(prefix="exporters-") as tmp:
         sessions = {}
         for name, opset in (("torchscript", 17), ("dynamo", 18)):

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -36,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, run_cli
-from ..fileio import atomic_file, write_json
+from ..core.errors import UserError, run_cli
+from ..core.fileio import atomic_file, write_json
+from .common import machine
 
 REPO = Path(__file__).resolve().parents[2]
 CAPTIONS = ["a photo of a cat sitting on a wooden table", "a red bus driving down a city street",
@@ -143,9 +143,8 @@ def write_inception(path: Path) -> Path:
 
 def write_clip(folder: Path, tokenizer: Path) -> Path:
     """A transformers CLIPModel folder at ViT-B/32 size with random weights (the CLIP-score model)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
     import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config={"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
@@ -225,57 +224,77 @@ print(f"stock: loaded in {t1 - t0:.1f} s, one image {img.size} in {time.perf_cou
 """
 
 
-def rehearse(arch: str, scale: str, work: Path, s: Settings, limit_gb: float, previous: dict | None = None) -> dict:
-    """Every stage on one teacher; returns its metrics entry. With `previous` (the entry of an
-    interrupted rehearsal whose work folder was kept), the stages it finished are not run again."""
-    from ..export import psnr
+def py(*argv: str) -> list[str]:
+    """A `python -m` command line for `run_stage`."""
+    return ["-m", *argv]
 
-    if previous is None:
-        shutil.rmtree(work, ignore_errors=True)
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    py = lambda *a: ["-m", *a]  # noqa: E731
-    out: dict = dict(previous or {}) | {"arch": arch, "scale": scale, "settings": s.__dict__}
-    stages: dict[str, dict] = out.setdefault("stages", {})
-    finished = {k for k, v in stages.items() if v["ok"] or v.get("note", "").startswith("killed")}
 
-    def stage(name: str, argv: list[str], **kw) -> StageRun:
-        if name in finished:
-            log = work / "logs" / f"{name}.log"
-            return StageRun(True, stages[name]["wall_s"], stages[name]["peak_rss_gb"], 0,
+class Rehearsal:
+    """One teacher's rehearsal in `work`: runs each stage as its own process, records it in `out["stages"]`,
+    and skips the stages a kept, interrupted rehearsal (`out` from its entry) already finished."""
+
+    def __init__(self, work: Path, limit_gb: float, out: dict):
+        self.work, self.limit_gb, self.out = work, limit_gb, out
+        self.stages: dict[str, dict] = out.setdefault("stages", {})
+        self.finished = {k for k, v in self.stages.items() if v["ok"] or v.get("note", "").startswith("killed")}
+
+    def stage(self, name: str, argv: list[str], **kw) -> StageRun:
+        if name in self.finished:
+            log = self.work / "logs" / f"{name}.log"
+            return StageRun(True, self.stages[name]["wall_s"], self.stages[name]["peak_rss_gb"], 0,
                             log.read_text(errors="replace") if log.is_file() else "", "done before")
-        run = run_stage(argv, work, work / "logs" / f"{name}.log", limit_gb, **kw)
-        stages[name] = run.row()
+        run = run_stage(argv, self.work, self.work / "logs" / f"{name}.log", self.limit_gb, **kw)
+        self.stages[name] = run.row()
         print(f"  {name}: {'ok' if run.ok else 'FAILED'} {run.wall_s:.0f} s, peak {run.peak_rss_gb:.1f} GB "
               f"{run.note}", flush=True)
         if not run.ok and not run.note.startswith("killed"):
-            stages[name]["error"] = run.log[-1500:]
+            self.stages[name]["error"] = run.log[-1500:]
         return run
 
-    run = stage("layout", py("src.layout", "--arch", arch, "--out", "teacher", "--scale", scale))
-    if not run.ok:
-        return out
-    out["parameters"] = json.loads((work / "teacher" / "layout.json").read_text())["parameters"]
-    out["teacher_gb"] = round(dir_gb(work / "teacher"), 2)
+
+def rehearse(arch: str, scale: str, work: Path, s: Settings, limit_gb: float, previous: dict | None = None) -> dict:
+    """Every stage on one teacher; returns its metrics entry. With `previous` (the entry of an
+    interrupted rehearsal whose work folder was kept), the stages it finished are not run again."""
+    if previous is None:
+        shutil.rmtree(work, ignore_errors=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    out: dict = dict(previous or {}) | {"arch": arch, "scale": scale, "settings": s.__dict__}
+    r = Rehearsal(work, limit_gb, out)
+    if teacher_and_inputs(r, arch, scale, s) and r.stage("prepare", py("src.prepare")).ok and distill_twice(r):
+        check_evaluate_export(r, s)
+    return out
+
+
+def teacher_and_inputs(r: Rehearsal, arch: str, scale: str, s: Settings) -> bool:
+    """The random-weight teacher folder, the COCO-like inputs and params.yaml; False when the layout failed."""
+    if not r.stage("layout", py("src.layout", "--arch", arch, "--out", "teacher", "--scale", scale)).ok:
+        return False
+    work = r.work
+    r.out["parameters"] = json.loads((work / "teacher" / "layout.json").read_text())["parameters"]
+    r.out["teacher_gb"] = round(dir_gb(work / "teacher"), 2)
     coco = work / "coco"
-    if "prepare" not in finished:
+    if "prepare" not in r.finished:
         write_coco_set(coco)
         if s.evaluate:
             write_inception(coco / "inception" / "inception-2015-12-05.pt")
             write_clip(coco / "clip", work / "teacher" / "tokenizer")
         (work / "params.yaml").write_text(params_yaml(s, coco))
+    return True
 
-    if not stage("prepare", py("src.prepare")).ok:
-        return out
-    # distill: kill it once its first checkpoint is complete, then resume
+
+def distill_twice(r: Rehearsal) -> bool:
+    """distill killed (SIGKILL) once its first checkpoint is complete, then resumed to the end; records the
+    checkpoint's size and times. False when no student came out."""
+    work, out = r.work, r.out
     first = work / "checkpoints" / "step-000002" / "MANIFEST.json"
-    killed = stage("distill_killed", py("src.distill"), kill_when=first.is_file)
-    if "distill_killed" not in finished:
+    killed = r.stage("distill_killed", py("src.distill"), kill_when=first.is_file)
+    if "distill_killed" not in r.finished:
         ck = _grep(r"checkpoint \S+: ([\d.]+) GiB written and hashed in", killed.log)
         out["checkpoint"] = {"size_gb": ck, "save_s": _grep(r"GiB written and hashed in ([\d.]+) s", killed.log)}
         if not first.is_file():
-            return out
-    resumed = stage("distill_resume", py("src.distill"))
-    if "distill_resume" not in finished:
+            return False
+    resumed = r.stage("distill_resume", py("src.distill"))
+    if "distill_resume" not in r.finished:
         out["checkpoint"]["resume_s"] = _grep(r"verified and loaded in ([\d.]+) s", resumed.log)
         out["checkpoint"]["resumed_at_step"] = _grep(r"resuming from \S+ \(step (\d+)", resumed.log, int)
     metrics = work / "reports" / "distill" / "metrics.json"
@@ -283,38 +302,46 @@ def rehearse(arch: str, scale: str, work: Path, s: Settings, limit_gb: float, pr
         d = json.loads(metrics.read_text())
         out["distill"] = {k: d.get(k) for k in ("steps_per_s", "wall_s", "peak_memory_mb")}
     out["student_gb"] = round(dir_gb(work / "models" / "student"), 2)
-    if not resumed.ok:
-        return out
+    return resumed.ok
 
+
+def check_evaluate_export(r: Rehearsal, s: Settings) -> None:
+    """The stock diffusers pipeline's one-step image, evaluate, export, infer with both graphs, and the
+    ONNX images' PSNR against the stock pipeline's."""
+    work, out = r.work, r.out
     prompt, seed = CAPTIONS[0], 0
-    stage("stock_pipeline", ["-c", STOCK_CHECK, prompt, str(seed)])
+    r.stage("stock_pipeline", ["-c", STOCK_CHECK, prompt, str(seed)])
     if s.evaluate:
-        stage("evaluate", py("src.evaluate"))
+        r.stage("evaluate", py("src.evaluate"))
     ev = work / "reports" / "eval" / "metrics.json"
     if ev.is_file():
         out["evaluate_metrics"] = json.loads(ev.read_text())
     shutil.rmtree(work / "checkpoints", ignore_errors=True)          # disk: the ONNX files come next
-    if not stage("export", py("src.export")).ok:
-        return out
-    ex = json.loads((work / "reports" / "export" / "metrics.json").read_text())
-    out["export"] = ex
+    if not r.stage("export", py("src.export")).ok:
+        return
+    out["export"] = json.loads((work / "reports" / "export" / "metrics.json").read_text())
     out["onnx_gb"] = {p: round(dir_gb(work / "models" / "onnx" / p), 2) for p in ("fp32", "fp16")}
     for precision in ("fp32", "fp16"):
-        run = stage(f"infer_{precision}", py("src.infer", prompt, "--seed", str(seed), "--precision", precision,
-                                             "--out", f"infer_{precision}.png"))
+        run = r.stage(f"infer_{precision}", py("src.infer", prompt, "--seed", str(seed), "--precision", precision,
+                                               "--out", f"infer_{precision}.png"))
         if run.ok:
             out.setdefault("infer", {})[precision] = {
                 "load_s": _grep(r"loaded in ([\d.]+) s", run.log),
                 "first_image_s": _grep(r"image\(s\) in ([\d.]+) s", run.log)}
+    out.update(stock_psnr(work))
+
+
+def stock_psnr(work: Path) -> dict[str, float]:
+    """PSNR of `src.infer`'s fp32 and fp16 images against the stock pipeline's, where both exist."""
     from PIL import Image
 
-    if (work / "stock.png").is_file():
-        ref = np.asarray(Image.open(work / "stock.png").convert("RGB")) / 255.0
-        for precision in ("fp32", "fp16"):
-            f = work / f"infer_{precision}.png"
-            if f.is_file():
-                out[f"psnr_{precision}"] = round(psnr(np.asarray(Image.open(f).convert("RGB")) / 255.0, ref), 2)
-    return out
+    from ..core.images import psnr
+
+    if not (work / "stock.png").is_file():
+        return {}
+    ref = np.asarray(Image.open(work / "stock.png").convert("RGB")) / 255.0
+    return {f"psnr_{p}": round(psnr(np.asarray(Image.open(work / f"infer_{p}.png").convert("RGB")) / 255.0, ref), 2)
+            for p in ("fp32", "fp16") if (work / f"infer_{p}.png").is_file()}
 
 
 # --------------------------------------------------------------------------- memory levers
@@ -378,12 +405,12 @@ def lever_table(arch: str, scale: str, work: Path, limit_gb: float, resolutions=
 
 
 def static_gb(arch: str, lever: dict) -> dict[str, float]:
-    """Bytes that do not depend on the image size, by the arithmetic of DESIGN.md section 12."""
-    from ..layout import TEXT_ENCODER, UNET, VAE
-
+    """Bytes that do not depend on the image size, by the arithmetic of docs/design.md, "Real teachers"."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..layout import TEXT_ENCODER, UNET, VAE
 
     with torch.device("meta"):
         n_unet = sum(p.numel() for p in UNet2DConditionModel(**UNET[arch]).parameters())
@@ -576,11 +603,6 @@ def report(entries: dict, machine: str) -> str:
     return "\n".join(lines)
 
 
-def machine_name() -> str:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.machine()} Linux, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, no GPU"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.bench.fullsize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -608,7 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     key = lambda arch: arch if args.scale == "full" else f"{arch}-tiny"  # noqa: E731
     if args.report_only:
         with atomic_file(args.out / "README.md") as f:
-            f.write(report(entries, machine_name()))
+            f.write(report(entries, machine()))
         return
     for arch in args.arch:
         work = args.work / arch
@@ -626,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         entries[key(arch)] = entry
         write_json(metrics_path, entries)
         with atomic_file(args.out / "README.md") as f:
-            f.write(report(entries, machine_name()))
+            f.write(report(entries, machine()))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 

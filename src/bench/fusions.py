@@ -16,11 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import load_config
-from ..errors import run_cli
-from ..fileio import atomic_file, write_json
+from ..core.config import load_config
+from ..core.errors import run_cli
+from ..core.fileio import atomic_file, write_json
+from .common import machine
 from .exporter import time_round_robin
-from .fullsize import machine_name
 
 OUT = Path("reports/bench")
 FUSES = ("none", "ort")
@@ -31,10 +31,10 @@ def bench(student: Path, prompts: Path, tiny_decoder: Path, work: Path, repeats:
     import onnxruntime as ort
 
     from ..export import Paths, export
-    from ..infer import read_contract
+    from ..serving.runtime import read_contract
 
     base = load_config().export
-    result: dict = {"machine": machine_name(), "student": str(student), "rows": {}}
+    result: dict = {"machine": machine(), "student": str(student), "rows": {}}
     for decoder in ("vae", "tiny"):
         sessions = {}
         for fuse in FUSES:

@@ -9,7 +9,7 @@ Measures, nothing downloaded:
   LoRALoss, bf16 autocast, gradient checkpointing off and on: seconds per step and peak memory;
 - one-step generation (text encoder -> UNet at T-1 -> x0 -> VAE decode): latency at batch 1
   and images/s at batch 16.
-Targets (DESIGN.md section 9): a VSD step at batch 16 under 0.5 s on one H100; one-step
+Targets (docs/design.md, "Speed facts"): a VSD step at batch 16 under 0.5 s on one H100; one-step
 512 px latency under 30 ms at batch 1.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import run_cli
-from ..fileio import atomic_file, write_json
+from ..core.errors import run_cli
+from ..core.fileio import atomic_file, write_json
 
 # Stable Diffusion 2.1-base (stabilityai/stable-diffusion-2-1-base), from its config files.
 SD21_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -71,8 +71,8 @@ def vsd_step_time(text, unet, batch: int, dtype: torch.dtype, checkpointing: boo
     """Median seconds per SwiftBrush step and peak memory (the loop of src/distill.py, without I/O)."""
     from peft import LoraConfig
 
-    from ..onestep import student_x0
-    from ..vsd import LoRALoss, VSDLoss
+    from ..method.onestep import student_x0
+    from ..method.vsd import LoRALoss, VSDLoss
 
     teacher = copy.deepcopy(unet).requires_grad_(False)
     teacher.add_adapter(LoraConfig(r=64, lora_alpha=108, target_modules=["to_q", "to_v"]))
@@ -130,7 +130,7 @@ def sd_alphas_cumprod(device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def one_step_time(text, unet, vae, batch: int, dtype: torch.dtype, repeats: int, device: torch.device) -> dict:
     """Latency of one-step generation (text -> UNet at T-1 -> x0 -> VAE decode) in `dtype`."""
-    from ..onestep import decode, student_x0
+    from ..method.onestep import decode, student_x0
 
     text_d, unet_d, vae_d = (copy.deepcopy(m).to(dtype).eval() for m in (text, unet, vae))
     abar = sd_alphas_cumprod(device)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ..errors import run_cli
-from ..fileio import atomic_file, write_json
+from ..core.errors import run_cli
+from ..core.fileio import atomic_file, write_json
 from ..world import accuracy, read_scene, render, sample_scene, score
 
 NOISE_LEVELS = (0, 10, 20, 30, 40, 60, 100)  # Gaussian sigma on the 0..255 scale

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import run_cli
-from ..fileio import atomic_file, write_json
+from ..core.errors import run_cli
+from ..core.fileio import atomic_file, write_json
 from ..world.scene import caption, sample_scene, vocabulary
 
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,17 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, run_cli
-from ..fileio import atomic_file, write_json
-from .fullsize import machine_name
+from ..core.errors import UserError, run_cli
+from ..core.fileio import atomic_file, write_json
+from ..core.launch import free_port
+from .common import machine
 
 OUT = Path("reports/serve")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -200,7 +193,7 @@ def metric_sum(text: str, name: str) -> float:
 
 
 def request_bodies(prompts_file: Path, count: int) -> list[dict]:
-    from ..prepare import read_prepared
+    from ..core.prompts import read_prepared
 
     records = read_prepared(prompts_file, None) if prompts_file.is_file() else []
     if not records:
@@ -251,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 256 or args.requests < 1 or not 0 < args.duration_s <= 3600:
         raise UserError("--clients 1..256, --requests >= 1 and --duration-s in (0, 3600] keep the load bounded")
-    from .. import manifest
+    from ..core import manifest
     from ..flows import Decision, promote
 
     manifest.read(args.model)
@@ -259,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
-        result = {"machine": machine_name(), "model": str(args.model), "clients": args.clients,
+        result = {"machine": machine(), "model": str(args.model), "clients": args.clients,
                   "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms}
         common = ["--model", str(args.model), "--provider", "cpu"]
         result["batching_on"] = scenario("batching_on", common + batch, bodies, args.clients, args.duration_s, tmp)

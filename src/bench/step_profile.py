@@ -17,47 +17,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-
-from ..config import load_config
-from ..errors import run_cli
-from ..fileio import atomic_file, write_json
+from ..core.config import load_config
+from ..core.errors import run_cli
+from ..core.fileio import atomic_file, write_json
+from .common import DistillRun, machine
 
 DEFAULT_VARIANTS = ("distill.clip_decoder=vae", "distill.clip_decoder=tiny", "distill.compile=default",
                     "distill.mixed_precision=bf16")
-
-
-class Variant:
-    """One variant's run, built exactly as `python -m src.distill` builds it (scratch folders)."""
-
-    def __init__(self, overrides: list[str], tmp: Path):
-        from .. import distill as D
-
-        self.overrides = overrides
-        self.config = load_config(overrides=overrides)
-        self.cfg = self.config.distill.model_copy(update={"processes": 1})   # one process's step
-        paths = D.Paths(eval_prompts=tmp / "none.jsonl", checkpoints=tmp / "ck", student=tmp / "student",
-                        reports=tmp / "rep",
-                        tiny_decoder=Path(self.config.tiny_decoder) if self.config.tiny_decoder else None)
-        self.run = D.setup(self.cfg, self.config.lr, self.config.seed, paths)
-        D.resume(self.run, self.cfg, paths)
-
-    def step(self, k: int) -> float:
-        """Seconds for the run's training step k (the draws of distill's step k)."""
-        from .. import distill as D
-        from ..onestep import initial_noise
-        from ..prepare import derive_seed
-
-        run, cfg, seed = self.run, self.cfg, self.config.seed
-        gen = torch.Generator().manual_seed(derive_seed(seed, "distill", 0, k))
-        idx = D.batch_indices(len(run.prompts), cfg.batch_size, k, 0, 1, seed)
-        z = initial_noise([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], run.shape)
-        t0 = time.perf_counter()
-        D.train_step(run, cfg, [run.prompts[i] for i in idx], z, gen, k)
-        return time.perf_counter() - t0
 
 
 def profile_group(variants: list[list[str]], steps: int, timed_steps: int, top: int = 12) -> list[dict]:
@@ -67,7 +35,7 @@ def profile_group(variants: list[list[str]], steps: int, timed_steps: int, top: 
 
     AcceleratorState._reset_state(reset_partial_state=True)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [Variant(v, Path(tmp) / str(i)) for i, v in enumerate(variants)]
+        runs = [DistillRun(v, Path(tmp) / str(i)) for i, v in enumerate(variants)]
         first = [r.step(0) for r in runs]                # with distill.compile, this one compiles
         for k in (1, 2):
             for r in runs:
@@ -79,7 +47,7 @@ def profile_group(variants: list[list[str]], steps: int, timed_steps: int, top: 
         return [summary(r, profiled(r, steps), steps, first[i], times[i], top) for i, r in enumerate(runs)]
 
 
-def profiled(r: Variant, steps: int):
+def profiled(r: DistillRun, steps: int):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -88,7 +56,7 @@ def profiled(r: Variant, steps: int):
     return prof.key_averages()
 
 
-def summary(r: Variant, events, steps: int, first: float, times: list[float], top: int) -> dict:
+def summary(r: DistillRun, events, steps: int, first: float, times: list[float], top: int) -> dict:
     total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     phases = [{"phase": e.key.removeprefix("step: "), "ms_per_step": round(e.cpu_time_total / steps / 1e3, 2),
                "share": round(e.cpu_time_total / steps / 1e3 / total, 4)}
@@ -127,8 +95,6 @@ def report(rows: list[dict], machine: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .__main__ import machine
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                         help=f"params overrides of one variant (repeatable; default: {' and '.join(DEFAULT_VARIANTS)})")

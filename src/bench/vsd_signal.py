@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
-from ..config import load_config
-from ..errors import UserError, run_cli
-from ..fileio import atomic_file, write_json
-from ..onestep import initial_noise, student_x0
-from ..prepare import read_prepared
-from ..teacher import alphas_cumprod, encode_prompts, load_pipeline
-from ..vsd import VSDLoss, adapters, add_noise, eps_from_output, guided_eps, vsd_grad
+from ..core import checkpoint
+from ..core.config import load_config
+from ..core.errors import UserError, run_cli
+from ..core.fileio import atomic_file, write_json
+from ..core.prompts import read_prepared
+from ..method.adapters import adapters
+from ..method.onestep import initial_latents, student_x0
+from ..method.teacher import alphas_cumprod, encode_prompts, load_pipeline
+from ..method.vsd import VSDLoss, add_noise, eps_from_output, guided_eps, vsd_grad
 
 TIMESTEPS = (50, 150, 300, 500, 700, 900, 980)
 
@@ -53,7 +54,7 @@ def signal(folder: Path, params: Path = Path("params.yaml"), n_prompts: int = 64
                         f"{missing.unexpected_keys[:3]}")
     records = read_prepared(Path("prompts/eval.jsonl"), n_prompts)
     prompts = [r["prompt"] for r in records]
-    z = initial_noise([r["seed"] for r in records], (unet.config.in_channels,) + (unet.config.sample_size,) * 2)
+    z = initial_latents([r["seed"] for r in records], (unet.config.in_channels,) + (unet.config.sample_size,) * 2)
     cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""])
     x_student = student_x0(student, z, cond, abar, prediction, cfg.student_timestep)
     with adapters(unet, enabled=False):

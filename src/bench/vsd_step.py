@@ -3,29 +3,34 @@
     python -m src.bench.vsd_step               # the embedded teacher, batch 16; reports/bench/vsd_step.{json,md}
     python -m src.bench.vsd_step --quick       # fewer repeats
 
-Every variant computes the same mathematics (src/vsd.py's student gradient, then the same
-LoRA-teacher update); `reference_vsd` is the straightforward version: four UNet calls
-(teacher and LoRA teacher, unconditional and conditional branch each) with autograd
-recording. For each variant the table gives the median time of a whole training step and how
-far its student gradient is from the reference's (rounding level is the requirement;
-tests/test_bench.py checks the same at toy size). src/distill.py uses only what wins.
+Every variant computes the same mathematics (src/method/vsd.py's student gradient); `reference_vsd`
+is the straightforward version: four UNet calls (teacher and LoRA teacher, unconditional and
+conditional branch each) with autograd recording. Each variant runs inside a distillation run
+built as `python -m src.distill` builds it (src/bench/common.py), whose VSD loss it replaces; a
+timed step is distill's own training step. For each variant the table gives the median time of
+a whole step and how far its student gradient is from the reference's (rounding level is the
+requirement; tests/test_bench.py checks the same at micro size). src/distill.py uses only what wins.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
-import time
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import run_cli
-from ..fileio import atomic_file, write_json
-from ..vsd import LoRALoss, VSDLoss, adapters, add_noise, cfg_combine, eps_from_output, surrogate_loss, vsd_grad
+from ..core.config import load_config
+from ..core.errors import run_cli
+from ..core.fileio import atomic_file, write_json
+from ..method.adapters import adapters
+from ..method.onestep import student_x0
+from ..method.teacher import encode_prompts
+from ..method.vsd import VSDLoss, add_noise, cfg_combine, eps_from_output, surrogate_loss, vsd_grad
+from .common import DistillRun, machine
 
 
 def reference_vsd(cfg: VSDLoss, unet, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
@@ -92,96 +97,74 @@ VARIANTS = (
 )
 
 
-@dataclass
-class StepState:
-    student: torch.nn.Module
-    teacher: torch.nn.Module          # carries the LoRA adapter
-    lora: list
-    opt_student: torch.optim.Optimizer
-    opt_lora: torch.optim.Optimizer
-    cond: torch.Tensor
-    uncond: torch.Tensor
-    abar: torch.Tensor
-    shape: tuple
+# The settings the variants assume: no CLIP loss and no EMA (the VSD step alone), the paper's CFG on the LoRA
+# teacher (the lora_cfg1 variants set their own).
+BASE_OVERRIDES = ["distill.clip_model=null", "distill.ema_decay=null", "distill.lora_guidance_scale=null"]
 
 
-def prepare(unet, cond: torch.Tensor, uncond: torch.Tensor, abar: torch.Tensor, variant: Variant,
-            lora_rank: int = 64, lora_alpha: int = 108) -> StepState:
-    """Fresh student / LoRA teacher / optimisers from `unet`, set up as the variant asks."""
+class VariantLoss:
+    """The run's VSD loss computed the variant's way, called by distill's training step as it calls VSDLoss."""
+
+    def __init__(self, variant: Variant, base: VSDLoss):
+        self.variant, self.base = variant, base
+
+    def __call__(self, unet, x0, cond, uncond, alphas_cumprod, generator):
+        return self.variant.vsd(self.base, unet, x0, cond, uncond, alphas_cumprod, generator), {}
+
+
+def variant_run(overrides: list[str], tmp: Path, variant: Variant, train_prompts: Path | None = None,
+                seed: int = 1) -> DistillRun:
+    """A distillation run with the variant's VSD loss and memory format. The LoRA teacher's weights are moved
+    off their init by a seeded draw, the same in every run, so that the gradient is not 0 and runs compare."""
     from diffusers.models.attention_processor import AttnProcessor
-    from peft import LoraConfig
 
-    student = copy.deepcopy(unet).train().requires_grad_(True)
-    teacher = copy.deepcopy(unet).requires_grad_(False)
-    torch.manual_seed(0)
-    teacher.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=["to_q", "to_v"]))
-    lora = [p for n, p in teacher.named_parameters() if "lora_" in n]
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():   # move B off its zero init, so that the LoRA teacher differs and the gradient is not 0
-        for n, p in teacher.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 1e-2)
-    for p in lora:
-        p.requires_grad_(True)
-    for m in (student, teacher):
+    r = DistillRun(overrides, tmp, train_prompts)
+    run = r.run
+    run.vsd_loss = VariantLoss(variant, run.vsd_loss)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():             # A at the scale of its own init, B off its zero init
+        for n, p in run.teacher.named_parameters():
+            if "lora_A" in n or "lora_B" in n:
+                scale = p.shape[1] ** -0.5 if "lora_A" in n else 0.1
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    for m in {id(run.student): run.student, id(run.teacher): run.teacher}.values():
         if variant.channels_last:
             m.to(memory_format=torch.channels_last)
         if variant.classic_attention:
             m.set_attn_processor(AttnProcessor())
-    return StepState(student, teacher, lora, torch.optim.Adam(student.parameters(), lr=1e-6),
-                     torch.optim.Adam(lora, lr=1e-3), cond, uncond, abar,
-                     (cond.shape[0], unet.config.in_channels, unet.config.sample_size, unet.config.sample_size))
+    return r
 
 
-def student_gradient(s: StepState, variant: Variant, z: torch.Tensor, seed: int) -> torch.Tensor:
-    """The student's parameter gradient from one VSD loss (flattened), without stepping."""
-    from ..onestep import student_x0
+def student_gradient(r: DistillRun, seed: int) -> torch.Tensor:
+    """The student's parameter gradient from one VSD loss on distill's draws of step `seed` (flattened),
+    without stepping."""
+    from .. import distill as D
 
-    if variant.channels_last:
+    run = r.run
+    gen, idx, z = D.step_draws(run, r.cfg, r.config.seed, seed)
+    cond = encode_prompts(run.pipe, [run.prompts[i] for i in idx]).float()
+    if isinstance(run.vsd_loss, VariantLoss) and run.vsd_loss.variant.channels_last:
         z = z.contiguous(memory_format=torch.channels_last)
-    x0 = student_x0(s.student, z, s.cond, s.abar)
-    loss = variant.vsd(VSDLoss(), s.teacher, x0, s.cond, s.uncond, s.abar, torch.Generator().manual_seed(seed))
-    s.student.zero_grad(set_to_none=True)
+    with run.as_student(run.student):
+        x0 = student_x0(run.student, z, cond, run.abar, run.prediction, run.t_student)
+    loss, _ = run.vsd_loss(run.teacher, x0, cond, run.uncond, run.abar, gen)
+    for p in run.student_params:
+        p.grad = None
     loss.backward()
-    return torch.cat([p.grad.flatten() for p in s.student.parameters() if p.grad is not None])
+    return torch.cat([p.grad.flatten() for p in run.student_params if p.grad is not None])
 
 
-def train_step(s: StepState, variant: Variant, gen: torch.Generator) -> None:
-    """One whole SwiftBrush step as src/distill.py runs it: student update, then LoRA-teacher update."""
-    from ..onestep import student_x0
-
-    z = torch.randn(s.shape, generator=gen)
-    if variant.channels_last:
-        z = z.contiguous(memory_format=torch.channels_last)
-    x0 = student_x0(s.student, z, s.cond, s.abar)
-    variant.vsd(VSDLoss(), s.teacher, x0, s.cond, s.uncond, s.abar, gen).backward()
-    torch.nn.utils.clip_grad_norm_(s.student.parameters(), 1.0)
-    s.opt_student.step()
-    s.opt_student.zero_grad(set_to_none=True)
-    loss, _ = LoRALoss()(s.teacher, x0.detach(), s.cond, s.uncond, s.abar, gen)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(s.lora, 1.0)
-    s.opt_lora.step()
-    s.opt_lora.zero_grad(set_to_none=True)
-
-
-def compare(unet, cond: torch.Tensor, uncond: torch.Tensor, abar: torch.Tensor, repeats: int,
-            variants: tuple[Variant, ...] = VARIANTS, seed: int = 0) -> list[dict]:
-    """Per variant: median seconds per step and the student gradient's distance from the reference."""
-    z = torch.randn((cond.shape[0], unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
-                    generator=torch.Generator().manual_seed(seed))
-    grads, states, refs = [], [], {}
-    for v in variants:
-        g = student_gradient(prepare(unet, cond, uncond, abar, v), v, z, seed)
+def compare(overrides: list[str], tmp: Path, repeats: int, variants: tuple[Variant, ...] = VARIANTS,
+            train_prompts: Path | None = None, seed: int = 0) -> list[dict]:
+    """Per variant: median seconds per training step and the student gradient's distance from the reference."""
+    grads, runs, refs = [], [], {}
+    for i, v in enumerate(variants):
+        r = variant_run(overrides, tmp / f"variant{i}", v, train_prompts)
+        g = student_gradient(r, seed)
         grads.append((g, refs.setdefault(v.maths, g)))
-        states.append((prepare(unet, cond, uncond, abar, v), torch.Generator().manual_seed(seed)))
-        train_step(states[-1][0], v, states[-1][1])                     # warm-up
-    times: list[list[float]] = [[] for _ in variants]
-    for _ in range(repeats):             # round-robin, so that the machine's drift hits every variant alike
-        for i, v in enumerate(variants):
-            t0 = time.perf_counter()
-            train_step(states[i][0], v, states[i][1])
-            times[i].append(time.perf_counter() - t0)
+        runs.append(r)
+        r.step(0)                                                        # warm-up
+    times = round_robin_steps(runs, repeats)
     rows, base = [], {}
     for v, ts, (g, ref) in zip(variants, times, grads):
         seconds = statistics.median(ts)
@@ -190,6 +173,15 @@ def compare(unet, cond: torch.Tensor, uncond: torch.Tensor, abar: torch.Tensor, 
                      "speedup_vs_reference": round(base[v.maths] / seconds, 2),
                      "grad_max_rel_diff": float((g - ref).abs().max() / ref.abs().max())})
     return rows
+
+
+def round_robin_steps(runs: list[DistillRun], repeats: int) -> list[list[float]]:
+    """Seconds of steps 1..repeats of every run, in turns, so that the machine's drift hits every run alike."""
+    times: list[list[float]] = [[] for _ in runs]
+    for k in range(1, repeats + 1):
+        for i, r in enumerate(runs):
+            times[i].append(r.step(k))
+    return times
 
 
 def report(rows: list[dict], batch: int, machine: str) -> str:
@@ -204,24 +196,21 @@ def report(rows: list[dict], batch: int, machine: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..bench.__main__ import machine
-    from ..teacher import alphas_cumprod, encode_prompts, load_pipeline
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="models/teacher")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="params.yaml overrides (the teacher, batch size, ...), after the benchmark's own")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = parser.parse_args(argv)
-    pipe = load_pipeline(args.teacher)
-    prompts = [f"a red square at the top left, blue background {i}" for i in range(args.batch)]
-    cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""])
-    rows = compare(pipe.unet, cond, uncond, alphas_cumprod(pipe), 3 if args.quick else args.repeats)
-    write_json(args.out / "vsd_step.json", {"machine": machine(), "batch": args.batch, "variants": rows})
+    overrides = BASE_OVERRIDES + args.overrides
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = compare(overrides, Path(tmp), 3 if args.quick else args.repeats)
+    batch = load_config(overrides=overrides).distill.batch_size
+    write_json(args.out / "vsd_step.json", {"machine": machine(), "batch": batch, "variants": rows})
     with atomic_file(args.out / "vsd_step.md") as f:
-        f.write(report(rows, args.batch, machine()))
-    print(report(rows, args.batch, machine()))
+        f.write(report(rows, batch, machine()))
+    print(report(rows, batch, machine()))
 
 
 if __name__ == "__main__":

@@ -38,12 +38,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..errors import UserError, run_cli
-from ..fileio import atomic_dir, write_json
+from ..core.config import parse_override
+from ..core.errors import UserError, run_cli
+from ..core.fileio import atomic_dir, write_json
+from ..core.text import padded_token_ids
 from .judge import read_scene, score
 from .render import render
 from .scene import Scene, caption, sample_scene
 from .tiny_decoder import TinySpec, check_tiny, save_tiny, train_tiny
+from .training import encode_latents, object_weights, signed_from_uint8, uint8_from_signed, update_step, warmup_cosine
 
 # Stable Diffusion's training noise schedule (scaled-linear betas, 1000 steps).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -126,22 +129,6 @@ def render_scenes(n: int, resolution: int, seed: int, p_size_named: float) -> Sc
     return SceneSet(images, scenes, seeds)
 
 
-def to_unit(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1] (the VAE's and CLIP's input range)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """Token ids padded to the model length, as StableDiffusionPipeline does."""
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
 # --------------------------------------------------------------------------- CLIP
 
 
@@ -162,15 +149,15 @@ def train_clip(spec: ClipSpec, data: SceneSet, tokenizer, resolution: int, desc:
     """Contrastive training on (render, fresh caption) pairs; returns the model in eval mode."""
     model = make_clip(spec, tokenizer, resolution)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
-    sched = _warmup_cosine(opt, spec.steps)
+    sched = warmup_cosine(opt, spec.steps)
     rng = random.Random(spec.seed)
-    pixels = to_unit(data.images)
+    pixels = signed_from_uint8(data.images)
     model.train()
     for _ in (bar := tqdm(range(spec.steps), desc=desc, mininterval=2)):
         idx = rng.sample(range(len(data.scenes)), spec.batch)
-        ids = tokenize(tokenizer, [caption(data.scenes[i], rng) for i in idx])
+        ids = padded_token_ids(tokenizer, [caption(data.scenes[i], rng) for i in idx])
         loss = model(input_ids=ids, pixel_values=pixels[idx], return_loss=True).loss
-        _update(loss, opt, sched, model.parameters())
+        update_step(loss, opt, sched, model.parameters())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return model.eval()
 
@@ -179,8 +166,8 @@ def train_clip(spec: ClipSpec, data: SceneSet, tokenizer, resolution: int, desc:
 def retrieval_accuracy(model, tokenizer, images: np.ndarray, prompts: list[str],
                        attributes: list[dict]) -> dict[str, float]:
     """Image-to-text top-1 over the given prompts: exact caption, and any caption with the same attributes."""
-    img = F.normalize(model.get_image_features(pixel_values=to_unit(images)).pooler_output, dim=-1)
-    txt = F.normalize(model.get_text_features(input_ids=tokenize(tokenizer, prompts)).pooler_output, dim=-1)
+    img = F.normalize(model.get_image_features(pixel_values=signed_from_uint8(images)).pooler_output, dim=-1)
+    txt = F.normalize(model.get_text_features(input_ids=padded_token_ids(tokenizer, prompts)).pooler_output, dim=-1)
     top = (img @ txt.T).argmax(dim=1).tolist()
     exact = np.mean([t == i for i, t in enumerate(top)])
     same = np.mean([attributes[t] == attributes[i] for i, t in enumerate(top)])
@@ -200,23 +187,13 @@ def make_vae(channels: tuple[int, ...], resolution: int, seed: int, norm_groups:
         norm_num_groups=norm_groups, sample_size=resolution)
 
 
-def object_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
-    """Per-pixel loss weights: `weight` where a pixel differs from the corner (background) colour, else 1.
-
-    The object covers 5-13% of a scene; an unweighted loss is satisfied by a good background
-    and a coloured blob, which the judge (rightly) fails on shape and colour.
-    """
-    differs = (x - x[:, :, :1, :1]).abs().sum(dim=1, keepdim=True) > 0.1
-    return 1.0 + (weight - 1.0) * differs.float()
-
-
 def train_vae(cfg: BuildConfig, data: SceneSet):
     """Object-weighted L1 + L2 reconstruction with a tiny KL term (flat colours need no perceptual loss)."""
     vae = make_vae(cfg.vae_channels, cfg.resolution, cfg.seed, cfg.vae_norm_groups)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = _warmup_cosine(opt, cfg.vae_steps)
+    sched = warmup_cosine(opt, cfg.vae_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    pixels = to_unit(data.images)
+    pixels = signed_from_uint8(data.images)
     vae.train()
     for _ in (bar := tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)):
         x = pixels[torch.randint(0, len(pixels), (cfg.vae_batch,), generator=gen)]
@@ -224,16 +201,9 @@ def train_vae(cfg: BuildConfig, data: SceneSet):
         rec = vae.decode(post.sample(generator=gen)).sample
         w = object_weights(x, cfg.vae_object_weight)
         loss = ((rec - x).abs() * w).mean() + ((rec - x).pow(2) * w).mean() + cfg.vae_kl * post.kl().mean()
-        _update(loss, opt, sched, vae.parameters())
+        update_step(loss, opt, sched, vae.parameters())
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return vae.eval()
-
-
-@torch.no_grad()
-def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """Posterior means (unscaled) of `images`."""
-    return torch.cat([vae.encode(to_unit(images[i:i + batch])).latent_dist.mode()
-                      for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()
@@ -241,9 +211,9 @@ def check_vae(vae, data: SceneSet) -> dict[str, float]:
     """PSNR (dB, on [0, 1] images) and judge accuracy of reconstructions."""
     z = encode_latents(vae, data.images)
     rec = torch.cat([vae.decode(z[i:i + 256]).sample for i in range(0, len(z), 256)])
-    x = to_unit(data.images)
+    x = signed_from_uint8(data.images)
     mse = ((rec.clamp(-1, 1) - x) / 2).pow(2).mean().item()
-    imgs = to_uint8(rec)
+    imgs = uint8_from_signed(rec)
     acc = np.mean([score(read_scene(im), s.attributes())["all"] for im, s in zip(imgs, data.scenes)])
     return {"vae_psnr": 10 * math.log10(1.0 / max(mse, 1e-12)), "vae_judge_accuracy": float(acc)}
 
@@ -275,7 +245,7 @@ def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_enc
     noise_sched = DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon")
     unet = make_unet(cfg.unet_channels, latents.shape[-1], text_encoder.config.hidden_size, cfg.seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    sched = _warmup_cosine(opt, cfg.unet_steps)
+    sched = warmup_cosine(opt, cfg.unet_steps)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     unet.train()
@@ -283,13 +253,13 @@ def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_enc
         idx = [rng.randrange(len(latents)) for _ in range(cfg.unet_batch)]
         texts = ["" if rng.random() < cfg.p_uncond else caption(data.scenes[i], rng) for i in idx]
         with torch.no_grad():
-            cond = text_encoder(tokenize(tokenizer, texts))[0]                    # (B, 77, D)
+            cond = text_encoder(padded_token_ids(tokenizer, texts))[0]                    # (B, 77, D)
         x0 = latents[idx]                                                         # (B, 4, h, w), scaled
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
         pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
-        _update(loss, opt, sched, unet.parameters())
+        update_step(loss, opt, sched, unet.parameters())
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         step = i + 1
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.unet_steps):
@@ -313,21 +283,6 @@ def validate(pipe, val: SceneSet, seed: int, steps: int = 10, cfg: float = 4.5) 
 
 
 # --------------------------------------------------------------------------- assembly
-
-
-def _update(loss: torch.Tensor, opt, sched, params, max_norm: float = 1.0) -> None:
-    """One optimiser step with gradient clipping and a scheduler step."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
-    opt.step()
-    sched.step()
-
-
-def _warmup_cosine(opt, steps: int, warmup: float = 0.05):
-    w = max(1, int(steps * warmup))
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / w) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
 
 def make_pipeline(tokenizer, text_encoder, vae, unet):
@@ -547,18 +502,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def apply_build_overrides(cfg: BuildConfig, overrides: list[str]) -> BuildConfig:
-    """`field=value` or `text.steps=value` overrides, type-checked against the defaults."""
-    import yaml
-
+    """`field=value` or `text.steps=value` overrides (the `--set` syntax of every command, parsed by
+    src/core/config.py), type-checked against the defaults."""
     for text in overrides:
-        key, _, value = text.partition("=")
-        parts = key.split(".")
+        parts, new = parse_override(text)
+        key = ".".join(parts)
         target = cfg if len(parts) == 1 else getattr(cfg, parts[0], None)
         name = parts[-1]
         if target is None or len(parts) > 2 or name not in target.__dataclass_fields__:
             raise UserError(f"--set {text!r}: unknown build key {key!r}")
         old = getattr(target, name)
-        new = yaml.safe_load(value)
         if isinstance(old, tuple):
             new = tuple(new) if isinstance(new, list) else None
         elif isinstance(old, float) and isinstance(new, (int, str)):

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError, run_cli
-from ..fileio import atomic_file, write_json
-from ..figures import sample_grid
-from ..prepare import read_prepared
-from .build import encode_latents, retrieval_accuracy, to_uint8
+from ..core.errors import UserError, run_cli
+from ..core.figures import sample_grid
+from ..core.fileio import atomic_file, write_json
+from ..core.prompts import read_prepared
+from .build import retrieval_accuracy
 from .judge import accuracy, read_scene, score
 from .render import render
 from .scene import Scene
+from .training import encode_latents, uint8_from_signed
 
 
 def load_eval_prompts(path: Path, limit: int | None = None) -> list[dict]:
@@ -92,7 +93,7 @@ def measure(teacher_dir: Path, evaluator_dir: Path, prompts_path: Path, out_dir:
 
     with torch.no_grad():
         vae = pipe.vae
-        rec = to_uint8(torch.cat([vae.decode(z[None]).sample for z in encode_latents(vae, truth)]))
+        rec = uint8_from_signed(torch.cat([vae.decode(z[None]).sample for z in encode_latents(vae, truth)]))
     mse = np.mean(((rec.astype(np.float64) - truth.astype(np.float64)) / 255.0) ** 2)
 
     if not (evaluator_dir / "config.json").is_file():

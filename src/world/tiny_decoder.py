@@ -4,8 +4,8 @@
 
 TAESD is what Stable Diffusion users already have for their teachers (`madebyollin/taesd` for
 SD 1.x/2.x): an `AutoencoderTiny` folder whose decoder turns the *scaled* latents the UNet works in
-(scaling_factor 1.0) into images at a fraction of the full VAE decoder's cost (DESIGN.md section
-14). This module makes the same thing for the embedded world by distilling the world VAE:
+(scaling_factor 1.0) into images at a fraction of the full VAE decoder's cost (docs/design.md,
+"Speed facts"). This module makes the same thing for the embedded world by distilling the world VAE:
 
 - the decoder learns to reproduce the full VAE's decodes of the VAE's own latents of rendered
   scenes, and of those latents with added Gaussian noise (`latent_noise`), because a one-step
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fileio import atomic_dir
+from ..core.fileio import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,14 @@ def train_tiny(spec: TinySpec, vae, data, desc: str = "tiny decoder"):
     """Distil `vae` (AutoencoderKL, frozen) into an AutoencoderTiny on the rendered scenes `data` (a SceneSet)."""
     from tqdm import tqdm
 
-    from .build import _update, _warmup_cosine, encode_latents, object_weights, to_unit
+    from .training import encode_latents, object_weights, signed_from_uint8, update_step, warmup_cosine
 
     sf = vae.config.scaling_factor
-    images = to_unit(data.images)
+    images = signed_from_uint8(data.images)
     latents = encode_latents(vae, data.images) * sf                          # the UNet's (scaled) latents
     tiny = make_tiny(spec, latents.shape[1]).train()
     opt = torch.optim.AdamW(tiny.parameters(), lr=spec.lr, weight_decay=0.0)
-    sched = _warmup_cosine(opt, spec.steps)
+    sched = warmup_cosine(opt, spec.steps)
     gen = torch.Generator().manual_seed(spec.seed)
     for _ in (bar := tqdm(range(spec.steps), desc=desc, mininterval=2)):
         idx = torch.randint(0, len(latents), (spec.batch,), generator=gen)
@@ -86,7 +86,7 @@ def train_tiny(spec: TinySpec, vae, data, desc: str = "tiny decoder"):
         w = object_weights(target, spec.object_weight)
         loss_dec = ((out - target).abs() * w).mean() + ((out - target).pow(2) * w).mean()
         loss_enc = (tiny.encode(images[idx]).latents - latents[idx]).pow(2).mean()
-        _update(loss_dec + loss_enc, opt, sched, tiny.parameters())
+        update_step(loss_dec + loss_enc, opt, sched, tiny.parameters())
         bar.set_postfix(dec=f"{loss_dec.item():.4f}", enc=f"{loss_enc.item():.4f}", refresh=False)
     return tiny.eval()
 
@@ -100,17 +100,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def check_tiny(tiny, vae, data, noise: float = 0.5) -> dict[str, float]:
     """Held-out scenes (a SceneSet): agreement with the full decoder on clean and noisy latents, judge accuracy."""
-    from .build import encode_latents, to_uint8, to_unit
     from .judge import read_scene, score
+    from .training import encode_latents, signed_from_uint8, uint8_from_signed
 
     sf = vae.config.scaling_factor
-    images, scenes = to_unit(data.images), data.scenes
+    images, scenes = signed_from_uint8(data.images), data.scenes
     z = encode_latents(vae, data.images) * sf
     z_noisy = noisy(z, noise, torch.Generator().manual_seed(0))          # half of them, std up to `noise`
     full, small = vae.decode(z / sf).sample, tiny.decode(z).sample
 
     def accuracy(x: torch.Tensor) -> float:
-        return float(np.mean([score(read_scene(im), s.attributes())["all"] for im, s in zip(to_uint8(x), scenes)]))
+        return float(np.mean([score(read_scene(im), s.attributes())["all"] for im, s in zip(uint8_from_signed(x), scenes)]))
 
     return {"tiny_psnr_vs_vae": psnr(small, full),
             "tiny_psnr_vs_vae_noisy_latents": psnr(tiny.decode(z_noisy).sample, vae.decode(z_noisy / sf).sample),

@@ -18,8 +18,8 @@ from pathlib import Path
 from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
 
-from ..errors import UserError, run_cli
-from ..fileio import atomic_dir
+from ..core.errors import UserError, run_cli
+from ..core.fileio import atomic_dir
 from .scene import vocabulary
 
 EOW = "</w>"

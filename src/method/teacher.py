@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .fileio import read_json
+from ..core.errors import UserError
+from ..core.fileio import read_json
 from .vsd import SUPPORTED_PREDICTIONS
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

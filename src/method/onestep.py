@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.errors import UserError
+from ..core.images import uint8_from_unit
 from . import noise
-from .errors import UserError
 from .vsd import x0_from_output
 
 
@@ -55,8 +56,8 @@ def timestep_of(pipe) -> int:
     return int(pipe.scheduler.config.num_train_timesteps) - 1
 
 
-def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """(B, C, h, w) Gaussian noise, sample i from its own seed (the numpy convention of src/noise.py,
+def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, h, w) Gaussian noise, sample i from its own seed (the numpy convention of src/method/noise.py,
     shared with ONNX inference)."""
     return torch.from_numpy(noise.initial_noise(seeds, shape))
 
@@ -76,13 +77,8 @@ def decode(vae, x0: torch.Tensor) -> torch.Tensor:
     return (vae.decode(x0 / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3)."""
-    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 @torch.no_grad()
-def generate(pipe, unet, prompts: list[str], seeds: list[int], alphas_cumprod: torch.Tensor,
+def one_step_images(pipe, unet, prompts: list[str], seeds: list[int], alphas_cumprod: torch.Tensor,
              batch_size: int = 32, device: torch.device | str = "cpu", timestep: int | None = None) -> np.ndarray:
     """uint8 (N, H, W, 3) one-step images for `prompts`; image i depends only on prompts[i], seeds[i].
     `timestep`: the student's t_s; None reads it from `pipe` (`timestep_of`: a saved student's own
@@ -98,7 +94,7 @@ def generate(pipe, unet, prompts: list[str], seeds: list[int], alphas_cumprod: t
     out = []
     for i in range(0, len(prompts), batch_size):
         text = encode_prompts(pipe, prompts[i:i + batch_size], device).to(dtype)
-        z = initial_noise(seeds[i:i + batch_size], shape).to(device, dtype)
+        z = initial_latents(seeds[i:i + batch_size], shape).to(device, dtype)
         x0 = student_x0(unet, z, text, alphas_cumprod.to(device), prediction, timestep)
-        out.append(to_uint8(decode(pipe.vae, x0.to(pipe.vae.dtype))))
+        out.append(uint8_from_unit(decode(pipe.vae, x0.to(pipe.vae.dtype)).float().cpu().numpy()))
     return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)

@@ -1,4 +1,4 @@
-"""Prompt text normalisation: one definition for prepare, infer and serve.
+"""Prompt text: normalisation (one definition for prepare, infer and serve) and padded token ids.
 
 NFKC Unicode; control characters (C0, DEL, C1) that are not whitespace removed (a NUL byte
 or an escape sequence is never part of a prompt); every run of whitespace (tabs, newlines,
@@ -26,3 +26,11 @@ def normalize_counted(text: str) -> tuple[str, int]:
 
 def normalize(text: str) -> str:
     return normalize_counted(text)[0]
+
+
+def padded_token_ids(tokenizer, texts: list[str], tensors: str = "pt"):
+    """Token ids (N, model_max_length) padded and truncated as StableDiffusionPipeline does:
+    a torch LongTensor (`tensors="pt"`) or an int64 numpy array (`"np"`)."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors=tensors).input_ids
+    return ids.astype("int64") if tensors == "np" else ids

@@ -1,8 +1,8 @@
 """SwiftBrush's variational score distillation: the mathematics, as small pure pieces.
 
-Notation (DESIGN.md section 5): `abar` is the teacher scheduler's `alphas_cumprod`, T = 1000.
+Notation (docs/design.md, "The method"): `abar` is the teacher scheduler's `alphas_cumprod`, T = 1000.
 The student is a copy of the teacher UNet fed pure noise z at t = T-1 (the paper; or at
-`distill.student_timestep`, src/onestep.py); its output, read in the teacher's
+`distill.student_timestep`, src/method/onestep.py); its output, read in the teacher's
 parametrisation, gives a clean latent x0. The VSD gradient on x0 is
 
     grad = (1 - abar_t) * (eps_teacher(x_t, t, c) - eps_lora(x_t, t, c)),    x_t = q(x0, t)
@@ -18,12 +18,13 @@ teacher, enabled = the student-score network, so one UNet serves both roles.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from .adapters import adapters
 
 PredictionType = Literal["epsilon", "v_prediction"]
 Reduction = Literal["mean", "sum_over_batch"]
@@ -70,32 +71,6 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torc
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: uncond + scale * (cond - uncond)."""
     return uncond + scale * (cond - uncond)
-
-
-@contextlib.contextmanager
-def adapters(unet, enabled: bool, name: str | None = None) -> Iterator[None]:
-    """Run `unet` with its LoRA adapters on (the LoRA teacher; adapter `name` when given, else the
-    active one) or off (the frozen teacher).
-
-    Which parameters train is left as it was: PEFT's toggles also flip `requires_grad` of the
-    adapters they switch off, and a leaf that stops requiring grad between the forward pass and
-    `backward()` silently receives no gradient (the LoRA student shares this UNet). Works through
-    a DistributedDataParallel wrapper (toggles the wrapped module).
-    """
-    unet = getattr(unet, "module", unet)
-    flags = [(p, p.requires_grad) for n, p in unet.named_parameters() if "lora_" in n]
-    if enabled:
-        unet.enable_adapters()
-        if name is not None:
-            unet.set_adapter(name)
-    else:
-        unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def guided_eps(unet, x_t: torch.Tensor, t: torch.Tensor, abar_t: torch.Tensor, cond: torch.Tensor,

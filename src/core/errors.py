@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, NoReturn
+from typing import Callable
 
 
 class UserError(Exception):
     """A problem with the user's input (params, files, arguments); the message says what and where."""
-
-
-def fail(message: str) -> NoReturn:
-    raise UserError(message)
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -1,4 +1,4 @@
-"""Image-generation metrics shared by both evaluation modes (DESIGN.md section 6).
+"""Image-generation metrics shared by both evaluation modes (docs/design.md, "Evaluation protocol").
 
 - FID through clean-fid: folder features -> (mu, sigma) -> Frechet distance. The feature
   extractor is the embedded evaluator CLIP's image tower (world mode) or clean-fid's own
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
-from .fileio import atomic_file
+from ..core.errors import UserError
+from ..core.fileio import atomic_file
 
 INCEPTION_FILE = "inception-2015-12-05.pt"   # the name clean-fid gives its TorchScript Inception-v3
-COCO_SIZE = 256                              # DESIGN.md section 6
+COCO_SIZE = 256                              # docs/design.md, "Evaluation protocol"
 
 
 def center_crop_resize(img: np.ndarray, size: int = COCO_SIZE) -> np.ndarray:
@@ -119,17 +119,6 @@ def world_features(files: list[Path], clip, batch_size: int = 128) -> np.ndarray
     """(N, D) evaluator features of `files`, in that order (images stay at the world resolution)."""
     return features(files, EvaluatorFeatures(clip), device=torch.device("cpu"), resize=_identity,
                     batch_size=batch_size)
-
-
-def world_stats(folder: Path, clip, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Feature statistics in the evaluator's space of every image under `folder`."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    return feature_stats(world_features(files, clip, batch_size))
-
-
-def world_fid(gen_dir: Path, ref_dir: Path, clip, batch_size: int = 128) -> float:
-    """FID in the evaluator's feature space."""
-    return frechet(world_stats(gen_dir, clip, batch_size), world_stats(ref_dir, clip, batch_size))
 
 
 def _identity(x):
@@ -263,11 +252,6 @@ def load_clip(spec: str, device: torch.device = torch.device("cpu")) -> ClipScor
 def clip_similarities(scorer: ClipScorer, batches) -> np.ndarray:
     """Each image's cosine with its own prompt, over (images, prompts) batches."""
     return np.concatenate([scorer.similarity(images, prompts) for images, prompts in batches])
-
-
-def clip_score(scorer: ClipScorer, batches) -> float:
-    """Mean cosine over (images, prompts) batches."""
-    return float(clip_similarities(scorer, batches).mean())
 
 
 # --------------------------------------------------------------------------- the world judge

@@ -80,3 +80,33 @@ def latest(root: Path, max_step: int | None = None) -> tuple[Path, dict[str, Any
     if not found:
         return None
     return found[-1], verify(found[-1])
+
+
+def student_ema(params, decay: float | None):
+    """EMA of the student's trainable weights, or None. diffusers' EMAModel warms the decay up: its
+    k-th update (k >= 2) uses min(decay, k / (9 + k)), so decay 0.995 binds only from the 1791st update on."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(list(params), decay=decay) if decay else None
+
+
+EMA_FILE = "ema.safetensors"
+
+
+def save_ema(ema, path: Path) -> None:
+    """The EMA as tensors (safetensors) plus its scalar settings as JSON metadata: no pickle."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({f"shadow.{i:06d}": t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(path),
+              metadata={"state": json.dumps(state)})
+
+
+def load_ema(ema, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        state["shadow_params"] = [f.get_tensor(k) for k in sorted(f.keys())]
+    ema.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""SwiftBrush v2's clamped CLIP loss (DESIGN.md section 5, beyond the paper), optional in distill.
+"""SwiftBrush v2's clamped CLIP loss (docs/design.md, "SwiftBrush v2, the parts adopted"), optional in distill.
 
     loss = mean_i max(0, tau - cos(E_img(decode(x0_i)), E_txt(prompt_i)))
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..core.errors import UserError
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""The artifact's model card (README.md of models/onnx): files, I/O contract, how it was made, parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core.config import ExportConfig
+
+
+def fusion_note(m: dict) -> str:
+    applied = ", ".join(f"{k} x{v}" for k, v in m.get("fusions", {}).items()) or "none matched"
+    if m.get("fuse") == "cuda":
+        return ("The fp16 graph carries ONNX Runtime's Stable Diffusion fusions (" + applied + "): it runs on the "
+                "CUDA provider only, where its parity was measured. The fp32 graph is the portable one.")
+    if m.get("fuse") == "ort":
+        return ("Both graphs carry ONNX Runtime's contrib attention operators (" + applied + "), which have CPU\n"
+                "and CUDA kernels: they need ONNX Runtime, on either provider.")
+    return ("Neither graph uses ONNX Runtime's fused Stable Diffusion operators, so both run on the CPU\n"
+            "provider as well as CUDA (fp16 is meant for GPUs; on CPU ONNX Runtime runs its half ops through casts).")
+
+
+def model_card(student: Path, c: dict, m: dict, cfg: ExportConfig) -> str:
+    made = json.loads((student / "swiftbrush.json").read_text()) if (student / "swiftbrush.json").is_file() else {}
+    shape = "x".join(map(str, c["latent_shape"]))
+    return f"""# One-step SwiftBrush student (ONNX)
+
+A text-to-image generator distilled from a Stable-Diffusion-style teacher with SwiftBrush
+(variational score distillation, no training images). One network evaluation per image.
+
+| file | what |
+|---|---|
+| `fp32/model.onnx` | the whole generator in float32 ({m['size_mb_fp32']} MB) |
+| `fp16/model.onnx` | the same in float16 inside, float32 inputs/outputs ({m['size_mb_fp16']} MB) |
+| `tokenizer.json` | the teacher's tokenizer (Hugging Face `tokenizers` format) |
+| `onestep.json` | the I/O contract below, machine-readable |
+| `manifest.json` | SHA-256 and size of every file, and the artifact's version; readers verify it before loading |
+
+## I/O contract
+
+| name | type | shape | meaning |
+|---|---|---|---|
+| `input_ids` | int64 | (batch, {c['max_length']}) | token ids: BOS ({c['bos_id']}), prompt, EOS ({c['eos_id']}), padded with {c['pad_id']}; longer prompts are cut to {c['max_length']} (EOS kept last) |
+| `noise` | float32 | (batch, {shape}) | initial latent, standard normal; `numpy.random.default_rng(seed).standard_normal(({', '.join(map(str, c['latent_shape']))}), dtype=numpy.float32)` per image |
+| `images` | float32 | (batch, 3, H, W) | RGB in [0, 1] |
+
+Inside: text encoder -> student UNet at t = {c['timestep']} ({c['prediction_type']} prediction) -> clean
+latent x0 -> {'the tiny decoder (TAESD format)' if c['decoder'] == 'AutoencoderTiny' else 'VAE'} decode. No guidance at inference (the student learned the guided teacher).
+{fusion_note(m)}
+
+## How it was made
+
+`python -m src.export` from the diffusers pipeline in `{student}` ({json.dumps(made) if made else 'student pipeline'});
+decoder {c['decoder']}; ONNX opset {cfg.opset}, {cfg.exporter} exporter; fp16 by ONNX Runtime's float16 converter with float32 I/O.
+
+Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their seeds (images in [0, 1]):
+
+| artifact | PSNR (dB) | max abs error |
+|---|---|---|
+| fp32 | {m['psnr_fp32']} | {m['max_abs_err_fp32']:.2e} |
+| fp16 | {m['psnr_fp16']} | {m['max_abs_err_fp16']:.2e} |
+
+## Run it
+
+    python -m src.infer "a red circle at the top on a blue background" --seed 0 --out cat.png
+    python -m src.infer --prompts-file prompts.txt --seed 0 --out images/ --precision fp16 --provider cuda
+"""
