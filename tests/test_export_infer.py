@@ -191,7 +191,7 @@ def test_weights_past_the_protobuf_limit_go_to_one_external_file(tmp_path, monke
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    import src.export as export_mod
+    import src.artifact.graph as graph_mod
 
     w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)            # 8 KiB (onnx keeps < 1 KiB inline)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
@@ -199,9 +199,9 @@ def test_weights_past_the_protobuf_limit_go_to_one_external_file(tmp_path, monke
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
                               initializer=[numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    assert export_mod.tensor_bytes(model) == 8192
-    monkeypatch.setattr(export_mod, "TWO_GB", 64 * 1024**2 + 8000)     # the limit, scaled down past the margin
-    export_mod._save(model, tmp_path / "model.onnx")
+    assert graph_mod.tensor_bytes(model) == 8192
+    monkeypatch.setattr(graph_mod, "TWO_GB", 64 * 1024**2 + 8000)     # the limit, scaled down past the margin
+    graph_mod.save_graph(model, tmp_path / "model.onnx")
     assert (tmp_path / "model.onnx.data").stat().st_size >= 8192
     x = np.ones((1, 64), np.float32)
     np.testing.assert_array_equal(ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"x": x})[0], x @ w)
@@ -425,13 +425,13 @@ def test_ort_fusions_keep_a_large_graph_in_one_external_file(tmp_path, onnx_dir,
 
     import onnxruntime as ort
 
-    import src.export as export_mod
+    import src.artifact.graph as graph_mod
 
     graph = tmp_path / "fp32" / "model.onnx"
     graph.parent.mkdir()
     shutil.copy(onnx_dir[0] / "fp32" / "model.onnx", graph)
-    monkeypatch.setattr(export_mod, "TWO_GB", 64 * 1024**2 + 1024)       # every graph counts as large
-    assert export_mod.fuse_ort(graph).get("multi_head_attention", 0) > 0
+    monkeypatch.setattr(graph_mod, "TWO_GB", 64 * 1024**2 + 1024)       # every graph counts as large
+    assert graph_mod.fuse_ort(graph).get("multi_head_attention", 0) > 0
     assert sorted(p.name for p in graph.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert graph.stat().st_size < (graph.parent / "model.onnx.data").stat().st_size
     contract = json.loads((onnx_dir[0] / "onestep.json").read_text())

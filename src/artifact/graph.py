@@ -41,7 +41,7 @@ def consolidate(raw: Path, path: Path) -> None:
     model = onnx.load(str(raw), load_external_data=False)
     external = [t for t in model.graph.initializer if uses_external_data(t)]
     if not external:
-        _save(strip_debug_info(onnx.load(str(raw))), path)
+        save_graph(strip_debug_info(onnx.load(str(raw))), path)
         return
     strip_debug_info(model)
     with (path.parent / (path.name + ".data")).open("wb") as out:
@@ -81,7 +81,7 @@ def export_fp16(fp32: Path, path: Path) -> None:
     drop_duplicate_casts(model.model.graph)
     model.topological_sort()      # the converter appends its input casts after their consumers
     del model.model.graph.value_info[:]    # the float32 types given to the converter; stale where it converted
-    _save(model.model, path)
+    save_graph(model.model, path)
 
 
 def fuse_cuda(fp32: Path, path: Path) -> dict[str, int]:
@@ -223,7 +223,7 @@ def past_protobuf_limit(weight_bytes: int) -> bool:
     return weight_bytes > TWO_GB - 64 * 1024**2
 
 
-def _save(model, path: Path) -> None:
+def save_graph(model, path: Path) -> None:
     """Save; weights go to one external file `<name>.data` when the graph would pass protobuf's 2 GB."""
     import onnx
 

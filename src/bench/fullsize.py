@@ -211,7 +211,7 @@ STOCK_CHECK = r"""
 import sys, time, numpy as np, torch
 from PIL import Image
 from diffusers import StableDiffusionPipeline
-from src.noise import initial_noise
+from src.method.noise import initial_noise
 t0 = time.perf_counter()
 pipe = StableDiffusionPipeline.from_pretrained("models/student")      # the stock line, no dtype
 pipe.set_progress_bar_config(disable=True)

@@ -260,7 +260,7 @@ def clip_similarities(scorer: ClipScorer, batches) -> np.ndarray:
 def judge_per_image(images: np.ndarray, records: list[dict]) -> dict[str, np.ndarray]:
     """Per image: 1.0 where the judge reads the attribute right, 0.0 where wrong, NaN where the prompt does not
     name it; keys attribute_accuracy (all named attributes right) and attribute_accuracy_<attribute>."""
-    from .world import read_scene, score
+    from ..world import read_scene, score
 
     scores = [score(read_scene(im), r["attributes"]) for im, r in zip(images, records)]
     keys = sorted({k for s in scores for k in s})
