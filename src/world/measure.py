@@ -55,7 +55,7 @@ def load_teacher(path: Path, dtype: torch.dtype = torch.float32):
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, cfg: float, batch: int = 64,
+def teacher_images(pipe, prompts: list[str], seeds: list[int], steps: int, cfg: float, batch: int = 64,
              desc: str = "generate") -> np.ndarray:
     """uint8 (N, H, W, 3) images; each sample's noise comes from its own seeded generator."""
     out = []
@@ -85,10 +85,10 @@ def measure(teacher_dir: Path, evaluator_dir: Path, prompts_path: Path, out_dir:
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor
     truth = np.stack([render(Scene(**r["scene"]), res, seed=r["seed"]) for r in records])
     t0 = time.perf_counter()
-    many = generate(pipe, prompts, seeds, steps, cfg, desc=f"teacher {steps} steps")
+    many = teacher_images(pipe, prompts, seeds, steps, cfg, desc=f"teacher {steps} steps")
     wall_many = time.perf_counter() - t0
     t0 = time.perf_counter()
-    one = generate(pipe, prompts, seeds, 1, cfg, desc="teacher 1 step")
+    one = teacher_images(pipe, prompts, seeds, 1, cfg, desc="teacher 1 step")
     wall_one = time.perf_counter() - t0
 
     with torch.no_grad():

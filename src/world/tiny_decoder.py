@@ -20,7 +20,6 @@ The loss is the VAE's own: object-weighted L1 + L2 (flat colours need no percept
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from ..core.fileio import atomic_dir
+from ..core.images import psnr
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,6 @@ def train_tiny(spec: TinySpec, vae, data, desc: str = "tiny decoder"):
     return tiny.eval()
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """dB between images in [-1, 1] (measured on [0, 1])."""
-    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
 @torch.no_grad()
 def check_tiny(tiny, vae, data, noise: float = 0.5) -> dict[str, float]:
     """Held-out scenes (a SceneSet): agreement with the full decoder on clean and noisy latents, judge accuracy."""
@@ -109,12 +103,15 @@ def check_tiny(tiny, vae, data, noise: float = 0.5) -> dict[str, float]:
     z_noisy = noisy(z, noise, torch.Generator().manual_seed(0))          # half of them, std up to `noise`
     full, small = vae.decode(z / sf).sample, tiny.decode(z).sample
 
+    def psnr_signed(a: torch.Tensor, b: torch.Tensor) -> float:    # images in [-1, 1], measured on [0, 1]
+        return psnr(((a.clamp(-1, 1) + 1) / 2).numpy(), ((b.clamp(-1, 1) + 1) / 2).numpy())
+
     def accuracy(x: torch.Tensor) -> float:
         return float(np.mean([score(read_scene(im), s.attributes())["all"] for im, s in zip(uint8_from_signed(x), scenes)]))
 
-    return {"tiny_psnr_vs_vae": psnr(small, full),
-            "tiny_psnr_vs_vae_noisy_latents": psnr(tiny.decode(z_noisy).sample, vae.decode(z_noisy / sf).sample),
-            "tiny_psnr_vs_render": psnr(small, images), "vae_psnr_vs_render": psnr(full, images),
+    return {"tiny_psnr_vs_vae": psnr_signed(small, full),
+            "tiny_psnr_vs_vae_noisy_latents": psnr_signed(tiny.decode(z_noisy).sample, vae.decode(z_noisy / sf).sample),
+            "tiny_psnr_vs_render": psnr_signed(small, images), "vae_psnr_vs_render": psnr_signed(full, images),
             "tiny_judge_accuracy": accuracy(small), "vae_judge_accuracy": accuracy(full),
             "tiny_encoder_latent_rmse": float((tiny.encode(images).latents - z).pow(2).mean().sqrt())}
 
