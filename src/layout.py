@@ -2,14 +2,16 @@
 
     python -m src.layout --arch sd21-base --out /data/sd21-base            # 0.87B UNet, ~5.2 GB
     python -m src.layout --arch sd15 --out /tmp/sd15-tiny --scale tiny     # same configs, narrow
+    python -m src.layout --arch sdxl --out /data/sdxl                      # 2.57B UNet, two text encoders
 
 No weights can be downloaded here, so a rehearsal of the real stages needs folders that are
 what a user brings in every respect but the numbers in the weights: `model_index.json` with
 the real scheduler class and the safety-checker / feature-extractor entries as the published
 folders have them, each component's config copied as numbers from the public config files
 (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1-base,
-stabilityai/stable-diffusion-2-1), fp32 safetensors, and the real CLIP BPE tokenizer
-(49,408 tokens) built from the vocabulary file the open_clip_torch wheel carries.
+stabilityai/stable-diffusion-2-1, stabilityai/stable-diffusion-xl-base-1.0), fp32 safetensors,
+and the real CLIP BPE tokenizer (49,408 tokens; SDXL's two tokenizers pad with "<|endoftext|>"
+and "!") built from the vocabulary file the open_clip_torch wheel carries.
 
 `--scale tiny` keeps every config value but the widths (channels, hidden sizes and the
 group-norm group counts that must divide them), so CI runs the same layout in seconds.
@@ -29,8 +31,8 @@ import torch
 from .core.errors import UserError, run_cli
 from .core.fileio import atomic_dir
 
-Arch = Literal["sd15", "sd21-base", "sd21"]
-ARCHES: tuple[str, ...] = ("sd15", "sd21-base", "sd21")
+Arch = Literal["sd15", "sd21-base", "sd21", "sdxl"]
+ARCHES: tuple[str, ...] = ("sd15", "sd21-base", "sd21", "sdxl")
 VOCAB_SIZE = 49408                     # every SD tokenizer: 256 bytes x 2 + 48,894 merges + 2 specials
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -50,6 +52,19 @@ UNET = {
     "sd15": {**_UNET_COMMON, "attention_head_dim": 8, "cross_attention_dim": 768, "sample_size": 64},
     "sd21-base": {**_UNET_COMMON, **_UNET_SD2, "sample_size": 64, "upcast_attention": False},
     "sd21": {**_UNET_COMMON, **_UNET_SD2, "sample_size": 96, "upcast_attention": True},
+    # SDXL base 1.0: three levels, the first without attention, 1/2/10 transformer layers, the "text_time"
+    # added conditioning: 1280 pooled + 6 time ids x 256 = 2816 inputs.
+    "sdxl": dict(act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64,
+                 addition_time_embed_dim=256, attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280],
+                 center_input_sample=False, cross_attention_dim=2048,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 downsample_padding=1, dual_cross_attention=False, flip_sin_to_cos=True, freq_shift=0,
+                 in_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32,
+                 num_class_embeds=None, only_cross_attention=False, out_channels=4,
+                 projection_class_embeddings_input_dim=2816, resnet_time_scale_shift="default", sample_size=128,
+                 transformer_layers_per_block=[1, 2, 10],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 upcast_attention=None, use_linear_projection=True),
 }
 
 _TEXT_COMMON = dict(attention_dropout=0.0, bos_token_id=0, eos_token_id=2, pad_token_id=1, initializer_factor=1.0,
@@ -62,12 +77,18 @@ TEXT_ENCODER = {   # CLIP ViT-L/14's text tower (SD 1.5); OpenCLIP ViT-H/14's, p
                   "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512},
 }
 TEXT_ENCODER["sd21"] = TEXT_ENCODER["sd21-base"]
+TEXT_ENCODER["sdxl"] = TEXT_ENCODER["sd15"]            # CLIP ViT-L/14, penultimate layer
+TEXT_ENCODER_2 = {  # SDXL's second encoder: OpenCLIP ViT-bigG/14's text tower with its projection (pooled 1280)
+    "sdxl": {**_TEXT_COMMON, "hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120,
+             "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280},
+}
 
 _VAE = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512],
             down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3, latent_channels=4, layers_per_block=2,
             norm_num_groups=32, out_channels=3, up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215)
 VAE = {"sd15": {**_VAE, "sample_size": 512}, "sd21-base": {**_VAE, "sample_size": 512},
-       "sd21": {**_VAE, "sample_size": 768}}
+       "sd21": {**_VAE, "sample_size": 768},
+       "sdxl": {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}}
 
 _SCHEDULE = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, clip_sample=False,
                  num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
@@ -76,12 +97,16 @@ SCHEDULER = {
     "sd15": ("PNDMScheduler", dict(_SCHEDULE)),
     "sd21-base": ("PNDMScheduler", {**_SCHEDULE, "prediction_type": "epsilon"}),
     "sd21": ("DDIMScheduler", {**_SCHEDULE, "prediction_type": "v_prediction"}),
+    "sdxl": ("EulerDiscreteScheduler", {**_SCHEDULE, "interpolation_type": "linear", "prediction_type": "epsilon",
+                                        "sample_max_value": 1.0, "timestep_spacing": "leading",
+                                        "use_karras_sigmas": False}),
 }
 
 # SD 1.5 ships its safety checker (a CLIP ViT-L/14 vision tower + concept embeddings); SD 2.x
 # lists the entry as [null, null] and keeps only the feature extractor.
-SAFETY_CHECKER = {"sd15": True, "sd21-base": False, "sd21": False}
-PAD_TOKEN = {"sd15": "<|endoftext|>", "sd21-base": "!", "sd21": "!"}
+SAFETY_CHECKER = {"sd15": True, "sd21-base": False, "sd21": False, "sdxl": False}
+PAD_TOKEN = {"sd15": "<|endoftext|>", "sd21-base": "!", "sd21": "!", "sdxl": "<|endoftext|>"}
+PAD_TOKEN_2 = {"sdxl": "!"}
 
 
 def narrow(config: dict, kind: str) -> dict:
@@ -156,19 +181,32 @@ def save_clip_tokenizer(out: Path, pad_token: str) -> None:
 
 
 def build_components(arch: Arch, scale: str, seed: int):
-    """Randomly initialised (unet, vae, text_encoder, safety_checker or None) at the arch's configs."""
+    """Randomly initialised (unet, vae, text_encoder, safety_checker or None) at the arch's configs; for SDXL
+    the fourth is the second text encoder (SDXL has no safety checker)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
     tiny = scale == "tiny"
     text_cfg = narrow(TEXT_ENCODER[arch], "text") if tiny else TEXT_ENCODER[arch]
-    unet_cfg = ({**narrow(UNET[arch], "unet"), "cross_attention_dim": text_cfg["hidden_size"]} if tiny
-                else UNET[arch])        # cross-attention reads the text encoder's width
+    unet_cfg = narrow(UNET[arch], "unet") if tiny else UNET[arch]
+    text2_cfg = None
+    if arch in TEXT_ENCODER_2:
+        text2_cfg = narrow(TEXT_ENCODER_2[arch], "text") if tiny else TEXT_ENCODER_2[arch]
+        if tiny:   # the context is both encoders' hidden states side by side; the added input pooled + 6 time ids
+            unet_cfg |= {"cross_attention_dim": text_cfg["hidden_size"] + text2_cfg["hidden_size"],
+                         "projection_class_embeddings_input_dim":
+                             text2_cfg["projection_dim"] + 6 * unet_cfg["addition_time_embed_dim"]}
+    elif tiny:
+        unet_cfg |= {"cross_attention_dim": text_cfg["hidden_size"]}     # cross-attention reads the encoder's width
     vae_cfg = narrow(VAE[arch], "vae") if tiny else VAE[arch]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_cfg)
     vae = AutoencoderKL(**vae_cfg)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    if text2_cfg is not None:
+        from transformers import CLIPTextModelWithProjection
+
+        return unet, vae, text_encoder, CLIPTextModelWithProjection(CLIPTextConfig(**text2_cfg))
     safety = None
     if SAFETY_CHECKER[arch]:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -185,7 +223,6 @@ def build_components(arch: Arch, scale: str, seed: int):
 
 def write_layout(arch: Arch, out: Path, scale: str = "full", seed: int = 0) -> dict:
     """Write the teacher folder; return its parameter counts per component."""
-    import diffusers
     from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
@@ -193,6 +230,8 @@ def write_layout(arch: Arch, out: Path, scale: str = "full", seed: int = 0) -> d
         raise UserError(f"--arch {arch!r}: expected one of {', '.join(ARCHES)}")
     if scale not in ("full", "tiny"):
         raise UserError(f"--scale {scale!r}: expected full or tiny")
+    if arch == "sdxl":
+        return write_sdxl_layout(out, scale, seed)
     unet, vae, text_encoder, safety = build_components(arch, scale, seed)
     cls, sched_cfg = SCHEDULER[arch]
     scheduler = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[cls].from_config(sched_cfg)
@@ -206,19 +245,61 @@ def write_layout(arch: Arch, out: Path, scale: str = "full", seed: int = 0) -> d
                                        scheduler=scheduler, safety_checker=safety, feature_extractor=features,
                                        requires_safety_checker=safety is not None)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        # The published scheduler file, keys the class does not read (PNDM's clip_sample...) included.
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-            {"_class_name": cls, "_diffusers_version": diffusers.__version__, **sched_cfg}, indent=2) + "\n")
+        write_scheduler_config(tmp, cls, sched_cfg)
         if safety is None:       # SD 2.x: the entry is there, as [null, null]
             index = json.loads((tmp / "model_index.json").read_text())
             index["safety_checker"] = [None, None]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in
-                  (("unet", unet), ("text_encoder", text_encoder), ("vae", vae), ("safety_checker", safety))
-                  if m is not None}
-        (tmp / "layout.json").write_text(json.dumps(
-            {"arch": arch, "scale": scale, "seed": seed, "weights": "random (a rehearsal folder: no image quality)",
-             "parameters": counts, "diffusers": diffusers.__version__}, indent=2) + "\n")
+        counts = parameter_counts(unet=unet, text_encoder=text_encoder, vae=vae, safety_checker=safety)
+        write_record(tmp, arch, scale, seed, counts)
+    return counts
+
+
+def parameter_counts(**components) -> dict[str, int]:
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in components.items() if m is not None}
+
+
+def write_record(folder: Path, arch: str, scale: str, seed: int, counts: dict[str, int]) -> None:
+    import diffusers
+
+    (folder / "layout.json").write_text(json.dumps(
+        {"arch": arch, "scale": scale, "seed": seed, "weights": "random (a rehearsal folder: no image quality)",
+         "parameters": counts, "diffusers": diffusers.__version__}, indent=2) + "\n")
+
+
+def write_scheduler_config(folder: Path, cls: str, config: dict) -> None:
+    """The published scheduler file, keys the class does not read (PNDM's clip_sample...) included."""
+    import diffusers
+
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": cls, "_diffusers_version": diffusers.__version__, **config}, indent=2) + "\n")
+
+
+def write_sdxl_layout(out: Path, scale: str, seed: int) -> dict:
+    """An SDXL base folder as published: two CLIP tokenizers and text encoders (the second with its
+    projection), the text-time UNet, the VAE with scaling 0.13025 that must decode in float32
+    (`force_upcast`), Euler, and `force_zeros_for_empty_prompt`."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    unet, vae, text_encoder, text_encoder_2 = build_components("sdxl", scale, seed)
+    cls, sched_cfg = SCHEDULER["sdxl"]
+    with atomic_dir(out) as tmp:
+        save_clip_tokenizer(tmp / "tokenizer", PAD_TOKEN["sdxl"])
+        save_clip_tokenizer(tmp / "tokenizer_2", PAD_TOKEN_2["sdxl"])
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+            tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
+            tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tokenizer_2"), unet=unet,
+            scheduler=EulerDiscreteScheduler.from_config(sched_cfg), force_zeros_for_empty_prompt=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_scheduler_config(tmp, cls, sched_cfg)
+        index = json.loads((tmp / "model_index.json").read_text())      # the published entries only
+        for optional in ("image_encoder", "feature_extractor"):
+            index.pop(optional, None)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        counts = parameter_counts(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2, vae=vae)
+        write_record(tmp, "sdxl", scale, seed, counts)
     return counts
 
 

@@ -1,0 +1,84 @@
+"""SDXL teachers through the stages, at tiny size: distill trains a one-step SDXL student that the stock
+StableDiffusionXLPipeline loads and draws exactly as our one-step generator does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def sdxl_teacher(tmp_path_factory):
+    from src.layout import write_layout
+
+    out = tmp_path_factory.mktemp("sdxl") / "teacher"
+    write_layout("sdxl", out, scale="tiny", seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sdxl_student(tmp_path_factory, sdxl_teacher, world_prompts):
+    from src.core.config import DistillConfig
+    from src.distill import Paths, distill
+
+    out = tmp_path_factory.mktemp("sdxl_student")
+    metrics = distill(DistillConfig(teacher=str(sdxl_teacher), steps=2, batch_size=2, lora_rank=4, lora_alpha=8,
+                                    resolution=128, val_every=100, val_prompts=2, student_timestep=899),
+                      lr=1e-4, seed=0, paths=Paths(train_prompts=world_prompts / "train.jsonl",
+                                                   eval_prompts=world_prompts / "eval.jsonl",
+                                                   checkpoints=out / "ck", student=out / "student",
+                                                   reports=out / "rep"))
+    return out / "student", metrics
+
+
+def test_distill_on_an_sdxl_teacher_trains_and_saves_an_sdxl_student(sdxl_student, sdxl_teacher):
+    from diffusers import StableDiffusionXLPipeline
+
+    student, metrics = sdxl_student
+    assert metrics["steps"] == 2 and np.isfinite(metrics["student_digest"])
+    index = json.loads((student / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    pipe = StableDiffusionXLPipeline.from_pretrained(student, local_files_only=True)
+    teacher = StableDiffusionXLPipeline.from_pretrained(sdxl_teacher, local_files_only=True)
+    assert pipe.unet.config.sample_size == 16                      # distill.resolution 128 / 8
+    moved = [n for n, p in pipe.unet.state_dict().items() if not torch.equal(p, teacher.unet.state_dict()[n])]
+    assert moved                                                   # the student is not the teacher
+    for part in ("text_encoder", "text_encoder_2", "vae"):         # the frozen parts ship unchanged
+        a, b = getattr(pipe, part).state_dict(), getattr(teacher, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_the_stock_sdxl_pipeline_draws_our_one_step_image(sdxl_student):
+    from diffusers import StableDiffusionXLPipeline
+
+    from src.method.noise import initial_noise
+    from src.method.onestep import one_step_images, timestep_of
+    from src.method.teacher import alphas_cumprod, load_pipeline
+
+    student, _ = sdxl_student
+    prompts, seeds = ["a red circle at the top on a blue background", "a green square"], [3, 4]
+    ours_pipe = load_pipeline(str(student))
+    ours = one_step_images(ours_pipe, ours_pipe.unet, prompts, seeds, alphas_cumprod(ours_pipe))
+    stock = StableDiffusionXLPipeline.from_pretrained(student, local_files_only=True)
+    assert timestep_of(stock) == 899
+    latents = torch.from_numpy(initial_noise(seeds, (4, 16, 16)))
+    theirs = stock(prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="np").images
+    theirs = (np.clip(theirs, 0, 1) * 255).round().astype(np.uint8)
+    assert theirs.shape == ours.shape == (2, 128, 128, 3)
+    assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1
+
+
+def test_a_teacher_folder_missing_its_second_encoder_is_refused_by_name(sdxl_teacher, tmp_path):
+    import shutil
+
+    from src.core.errors import UserError
+    from src.method.teacher import load_pipeline
+
+    broken = tmp_path / "teacher"
+    shutil.copytree(sdxl_teacher, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(UserError, match="not a Stable Diffusion XL pipeline: missing text_encoder_2"):
+        load_pipeline(str(broken))
