@@ -41,8 +41,9 @@ from .core.fileio import atomic_dir, write_json
 from .core.launch import launched_world, spawn
 from .core.prompts import derive_seed, read_prepared
 from .method.adapters import SCORE, STUDENT, adapter_params, adapter_state, adapters, merge_adapter
+from .method.conditioning import Conditioning, encode, encode_empty, family_of
 from .method.onestep import decode, initial_latents, one_step_images, one_step_scheduler, student_timestep, student_x0
-from .method.teacher import alphas_cumprod, encode_prompts, frozen_parts, load_pipeline, load_tiny_decoder
+from .method.teacher import FROZEN, alphas_cumprod, frozen_parts, load_pipeline, load_tiny_decoder
 from .method.vsd import LoRALoss, VSDLoss
 
 if TYPE_CHECKING:
@@ -125,14 +126,21 @@ def clip_weight(base: float, step: int, total: int, schedule: str) -> float:
 
 
 def save_student(out: Path, pipe, student, timestep: int) -> None:
-    """A complete diffusers pipeline: student UNet, the teacher's other parts, a one-step scheduler
-    at the student's timestep (one DDIM step there with alpha_prev = 1 returns exactly its x0)."""
-    from diffusers import StableDiffusionPipeline
+    """A complete diffusers pipeline of the teacher's family: student UNet, the teacher's other parts, a
+    one-step scheduler at the student's timestep (one DDIM step there with alpha_prev = 1 returns exactly
+    its x0)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = one_step_scheduler(pipe.scheduler, timestep)
-    one = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                  unet=student, scheduler=scheduler, safety_checker=None,
-                                  feature_extractor=None, requires_safety_checker=False)
+    if family_of(pipe) == "sdxl":
+        one = StableDiffusionXLPipeline(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+            tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, unet=student, scheduler=scheduler,
+            force_zeros_for_empty_prompt=pipe.config.get("force_zeros_for_empty_prompt", True))
+    else:
+        one = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                      unet=student, scheduler=scheduler, safety_checker=None,
+                                      feature_extractor=None, requires_safety_checker=False)
     with atomic_dir(out) as tmp:
         one.save_pretrained(tmp, safe_serialization=True)
         (tmp / "swiftbrush.json").write_text(json.dumps(
@@ -159,7 +167,7 @@ class Run:
     clip_loss: ClipLoss | None
     clip_decoder: torch.nn.Module         # decodes x0 for the CLIP loss: the teacher's VAE or a tiny decoder
     as_student: Callable[[torch.nn.Module], ContextManager[None]]   # context: the student's weights active in `student`
-    uncond: torch.Tensor                  # (1, 77, D) empty-prompt embedding
+    uncond: Conditioning                  # the empty prompt's (a batch of one; SDXL base: zeros)
     abar: torch.Tensor
     t_student: int
     prediction: str
@@ -192,8 +200,9 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
                         "which DDP cannot wrap twice); use distill.student: full with several processes")
     frozen = getattr(torch, cfg.frozen_dtype)
     pipe = load_pipeline(cfg.teacher, frozen_dtype=frozen)
-    pipe.text_encoder.requires_grad_(False).to(device, frozen)
-    pipe.vae.requires_grad_(False).to(device, frozen)
+    for name in FROZEN[family_of(pipe)]:           # text encoder(s) and VAE; a force_upcast VAE stays float32
+        part = getattr(pipe, name)
+        part.requires_grad_(False).to(device, part.dtype if name == "vae" and part.dtype != frozen else frozen)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     abar = alphas_cumprod(pipe).to(device)
     t_student = student_timestep(abar, cfg.student_timestep)                          # T-1 unless set
@@ -225,7 +234,7 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
         for unet in {id(m): m for m in (student, teacher)}.values():    # one UNet when the student is a LoRA
             unet.compile(mode=mode, dynamic=False)                      # in place: parameter names unchanged
     clip_loss = None
-    uncond = encode_prompts(pipe, [""], device).float()
+    uncond = encode_empty(pipe, device, latent).float()
     if cfg.clip_model is not None:
         from .method.clip_loss import load_clip_loss
 
@@ -329,7 +338,7 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
     LoRA teacher's update(s) on the detached x0."""
     acc, student, teacher = run.acc, run.student, run.teacher
     with phase("text encoder"):
-        cond = encode_prompts(run.pipe, batch_prompts, acc.device).float()             # (B, 77, D)
+        cond = encode(run.pipe, batch_prompts, acc.device, run.shape[-1]).float()       # context (B, 77, D), ...
 
     # 1-2. student update: VSD gradient through x0 = f(student(z, t_s, c))
     with acc.autocast():
@@ -341,7 +350,7 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
         w_clip = clip_weight(cfg.clip_weight, step, cfg.steps, cfg.clip_schedule) if run.clip_loss else 0.0
         if w_clip > 0:      # v2: clamped CLIP loss on the decoded image, gradient through the frozen decoder
             with phase(f"CLIP loss forward ({cfg.clip_decoder} decode + CLIP)"):
-                loss_c, cstats = run.clip_loss(decode(run.clip_decoder, x0.to(run.frozen)).float(),
+                loss_c, cstats = run.clip_loss(decode(run.clip_decoder, x0.to(run.clip_decoder.dtype)).float(),
                                                run.clip_loss.text_features(batch_prompts))
             loss_student = loss_vsd + w_clip * loss_c
             stats.update(cstats)
@@ -493,9 +502,11 @@ def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: li
         result["final"] = validate(run.pipe, final, run.val_records, run.abar, run.t_student)
     final = final.to(memory_format=torch.contiguous_format)                        # safetensors wants contiguous
     pipe = run.pipe
-    if run.frozen != torch.float32:     # ship the teacher's own float32 text encoder and VAE, not rounded copies
-        pipe.text_encoder = pipe.vae = None
-        pipe.text_encoder, pipe.vae = frozen_parts(cfg.teacher, torch.float32)
+    if run.frozen != torch.float32:     # ship the teacher's own float32 text encoder(s) and VAE, not rounded copies
+        for name in FROZEN[family_of(pipe)]:
+            setattr(pipe, name, None)
+        for name, part in frozen_parts(cfg.teacher, torch.float32).items():
+            setattr(pipe, name, part)
     save_student(paths.student, pipe, final, run.t_student)
     write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
                | {"val_curve": history})

@@ -21,7 +21,6 @@ from .core.fileio import atomic_file
 from .core.text import normalize_counted
 from .serving.runtime import load_artifact, png_bytes, stream_images
 
-
 # --------------------------------------------------------------------------- the command line
 
 

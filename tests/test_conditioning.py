@@ -122,9 +122,9 @@ def test_the_sdxl_layout_is_the_published_one(sdxl_dir):
     assert unet["addition_embed_type"] == "text_time" and unet["transformer_layers_per_block"] == [1, 2, 10]
     vae = json.loads((sdxl_dir / "vae" / "config.json").read_text())
     assert vae["scaling_factor"] == 0.13025 and vae["force_upcast"] is True
-    pads = [json.loads((sdxl_dir / t / "special_tokens_map.json").read_text())["pad_token"]
+    pads = [json.loads((sdxl_dir / t / "tokenizer_config.json").read_text())["pad_token"]
             for t in ("tokenizer", "tokenizer_2")]
-    assert [p["content"] if isinstance(p, dict) else p for p in pads] == ["<|endoftext|>", "!"]
+    assert pads == ["<|endoftext|>", "!"]
 
 
 def test_the_sdxl_configs_give_the_published_parameter_counts():

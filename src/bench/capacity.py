@@ -22,8 +22,9 @@ from tqdm import tqdm
 from ..core.errors import run_cli
 from ..core.fileio import write_json
 from ..core.prompts import read_prepared
+from ..method.conditioning import encode
 from ..method.onestep import initial_latents, student_x0
-from ..method.teacher import alphas_cumprod, encode_prompts, load_pipeline
+from ..method.teacher import alphas_cumprod, load_pipeline
 
 
 def capacity(teacher: str, n_pairs: int = 3072, steps: int = 1200, batch: int = 32, lr: float = 1e-4,
@@ -47,7 +48,7 @@ def capacity(teacher: str, n_pairs: int = 3072, steps: int = 1200, batch: int = 
     curve = []
     for step in tqdm(range(1, steps + 1), desc="regression"):
         idx = rng.choice(len(prompts), batch, replace=False)
-        cond = encode_prompts(pipe, [prompts[i] for i in idx])
+        cond = encode(pipe, [prompts[i] for i in idx])
         x0 = student_x0(student, initial_latents([seeds[i] for i in idx], shape), cond, abar)
         loss = torch.nn.functional.mse_loss(x0, targets[idx])
         opt.zero_grad()

@@ -27,8 +27,9 @@ from ..core.errors import UserError, run_cli
 from ..core.fileio import atomic_file, write_json
 from ..core.prompts import read_prepared
 from ..method.adapters import adapters
+from ..method.conditioning import encode, encode_empty
 from ..method.onestep import initial_latents, student_x0
-from ..method.teacher import alphas_cumprod, encode_prompts, load_pipeline
+from ..method.teacher import alphas_cumprod, load_pipeline
 from ..method.vsd import VSDLoss, add_noise, eps_from_output, guided_eps, vsd_grad
 
 TIMESTEPS = (50, 150, 300, 500, 700, 900, 980)
@@ -55,7 +56,7 @@ def signal(folder: Path, params: Path = Path("params.yaml"), n_prompts: int = 64
     records = read_prepared(Path("prompts/eval.jsonl"), n_prompts)
     prompts = [r["prompt"] for r in records]
     z = initial_latents([r["seed"] for r in records], (unet.config.in_channels,) + (unet.config.sample_size,) * 2)
-    cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""])
+    cond, uncond = encode(pipe, prompts), encode_empty(pipe)
     x_student = student_x0(student, z, cond, abar, prediction, cfg.student_timestep)
     with adapters(unet, enabled=False):
         x_teacher = pipe(prompts, num_inference_steps=teacher_steps, guidance_scale=cfg.guidance_scale,
@@ -72,7 +73,7 @@ def signal(folder: Path, params: Path = Path("params.yaml"), n_prompts: int = 64
             x_t = add_noise(x, eps, a)
             for who, enabled in (("teacher", False), ("lora", True)):
                 with adapters(unet, enabled=enabled):
-                    out = unet(x_t, tt, encoder_hidden_states=cond).sample
+                    out = unet(x_t, tt, **cond.unet_kwargs()).sample
                     row[f"err_{who}_on_{name}"] = float(((eps_from_output(x_t, out, a, prediction) - eps) ** 2).mean())
         x_t = add_noise(x_student, torch.randn(x_student.shape, generator=gen), a)
         with adapters(unet, enabled=False):

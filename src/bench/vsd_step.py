@@ -27,8 +27,8 @@ from ..core.config import load_config
 from ..core.errors import run_cli
 from ..core.fileio import atomic_file, write_json
 from ..method.adapters import adapters
+from ..method.conditioning import encode
 from ..method.onestep import student_x0
-from ..method.teacher import encode_prompts
 from ..method.vsd import VSDLoss, add_noise, cfg_combine, eps_from_output, surrogate_loss, vsd_grad
 from .common import DistillRun, machine
 
@@ -142,7 +142,7 @@ def student_gradient(r: DistillRun, seed: int) -> torch.Tensor:
 
     run = r.run
     gen, idx, z = D.step_draws(run, r.cfg, r.config.seed, seed)
-    cond = encode_prompts(run.pipe, [run.prompts[i] for i in idx]).float()
+    cond = encode(run.pipe, [run.prompts[i] for i in idx], latent_side=run.shape[-1]).float()
     if isinstance(run.vsd_loss, VariantLoss) and run.vsd_loss.variant.channels_last:
         z = z.contiguous(memory_format=torch.channels_last)
     with run.as_student(run.student):

@@ -18,6 +18,7 @@ import torch
 from ..core.errors import UserError
 from ..core.images import uint8_from_unit
 from . import noise
+from .conditioning import Conditioning, as_conditioning
 from .vsd import x0_from_output
 
 
@@ -62,13 +63,13 @@ def initial_latents(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tens
     return torch.from_numpy(noise.initial_noise(seeds, shape))
 
 
-def student_x0(unet, z: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,
+def student_x0(unet, z: torch.Tensor, text: Conditioning | torch.Tensor, alphas_cumprod: torch.Tensor,
                prediction_type: str = "epsilon", timestep: int | None = None) -> torch.Tensor:
     """The student's clean latent (scaled latent space): its output for z at t_s (`student_timestep`)
     turned into x0 with abar_{t_s}."""
     t_s = student_timestep(alphas_cumprod, timestep)
     t = torch.full((z.shape[0],), t_s, dtype=torch.long, device=z.device)
-    out = unet(z, t, encoder_hidden_states=text).sample
+    out = unet(z, t, **as_conditioning(text).unet_kwargs()).sample
     return x0_from_output(z, out, alphas_cumprod[t_s].to(z.device), prediction_type)
 
 
@@ -83,7 +84,7 @@ def one_step_images(pipe, unet, prompts: list[str], seeds: list[int], alphas_cum
     """uint8 (N, H, W, 3) one-step images for `prompts`; image i depends only on prompts[i], seeds[i].
     `timestep`: the student's t_s; None reads it from `pipe` (`timestep_of`: a saved student's own
     t_s, T-1 for a teacher pipeline)."""
-    from .teacher import encode_prompts
+    from .conditioning import encode
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -93,7 +94,7 @@ def one_step_images(pipe, unet, prompts: list[str], seeds: list[int], alphas_cum
     dtype = next(unet.parameters()).dtype
     out = []
     for i in range(0, len(prompts), batch_size):
-        text = encode_prompts(pipe, prompts[i:i + batch_size], device).to(dtype)
+        text = encode(pipe, prompts[i:i + batch_size], device, shape[-1]).to(dtype=dtype)
         z = initial_latents(seeds[i:i + batch_size], shape).to(device, dtype)
         x0 = student_x0(unet, z, text, alphas_cumprod.to(device), prediction, timestep)
         out.append(uint8_from_unit(decode(pipe.vae, x0.to(pipe.vae.dtype)).float().cpu().numpy()))

@@ -1,4 +1,5 @@
-"""Loading a Stable-Diffusion-style teacher, with one clear error for anything else."""
+"""Loading a Stable-Diffusion-style teacher (SD 1.x / 2.x or SDXL, told apart by its folder), with one clear
+error for anything else."""
 
 from __future__ import annotations
 
@@ -8,44 +9,75 @@ import torch
 
 from ..core.errors import UserError
 from ..core.fileio import read_json
+from .conditioning import Family
 from .vsd import SUPPORTED_PREDICTIONS
 
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+REQUIRED = {"sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+            "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+FROZEN = {"sd": ("text_encoder", "vae"), "sdxl": ("text_encoder", "text_encoder_2", "vae")}
 
 
-def check_pipeline_folder(path: Path) -> None:
-    """Raise UserError unless `path` holds a diffusers SD pipeline (model_index.json + components)."""
+def folder_family(spec: dict) -> Family:
+    """sdxl for a model_index.json of StableDiffusionXLPipeline or with a second text encoder; sd otherwise."""
+    has_second = bool(spec.get("text_encoder_2")) and spec["text_encoder_2"][0] is not None
+    return "sdxl" if spec.get("_class_name") == "StableDiffusionXLPipeline" or has_second else "sd"
+
+
+def check_pipeline_folder(path: Path) -> Family:
+    """The teacher's family; UserError unless `path` holds a diffusers SD or SDXL pipeline (model_index.json
+    and every component its family needs)."""
     index = path / "model_index.json"
     if not index.is_file():
         raise UserError(f"teacher {path}: not a diffusers pipeline folder (no model_index.json); expected a "
-                        "StableDiffusionPipeline.save_pretrained folder such as stable-diffusion-2-1-base")
+                        "StableDiffusionPipeline or StableDiffusionXLPipeline save_pretrained folder such as "
+                        "stable-diffusion-2-1-base or stable-diffusion-xl-base-1.0")
     spec = read_json(index, "the teacher folder is damaged")
-    missing = [c for c in REQUIRED if not spec.get(c) or spec[c][0] is None or not (path / c).is_dir()]
+    family = folder_family(spec)
+    missing = [c for c in REQUIRED[family] if not spec.get(c) or spec[c][0] is None or not (path / c).is_dir()]
     if missing:
-        raise UserError(f"teacher {path}: not a Stable Diffusion pipeline: missing {', '.join(missing)} "
-                        f"(needs {', '.join(REQUIRED)})")
+        kind = "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion"
+        raise UserError(f"teacher {path}: not a {kind} pipeline: missing {', '.join(missing)} "
+                        f"(needs {', '.join(REQUIRED[family])})")
     if spec.get("unet", [None, None])[1] != "UNet2DConditionModel":
         raise UserError(f"teacher {path}: unet is {spec['unet'][1]}, expected UNet2DConditionModel")
+    return family
+
+
+def local_folder(teacher: str, local_only: bool = True) -> Path:
+    """A local folder as it is; a hub id as its snapshot in the local Hugging Face cache (nothing is downloaded
+    unless `local_only` is off)."""
+    path = Path(teacher)
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(teacher, local_files_only=local_only))
+    except Exception as err:          # huggingface_hub raises several unrelated types for a missing snapshot
+        raise UserError(f"teacher {teacher!r}: not a local folder, and not in the local Hugging Face cache "
+                        f"({type(err).__name__}); give the path of a diffusers pipeline folder") from None
 
 
 def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32, local_only: bool = True,
                   frozen_dtype: torch.dtype | None = None):
-    """A StableDiffusionPipeline from a local folder, or a hub id already in the local cache.
-    `frozen_dtype`: load the text encoder and VAE in that dtype directly (never resident in `dtype`)."""
-    from diffusers import StableDiffusionPipeline
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline (by the folder's family) from a local folder, or
+    a hub id already in the local cache. `frozen_dtype`: load the text encoder(s) and VAE in that dtype
+    directly (never resident in `dtype`)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    path = Path(teacher)
-    if path.exists():
-        check_pipeline_folder(path)
+    path = local_folder(teacher, local_only)
+    family = check_pipeline_folder(path)
     try:
         parts = {}
         if frozen_dtype is not None and frozen_dtype != dtype:
-            parts = dict(zip(("text_encoder", "vae"), frozen_parts(teacher, frozen_dtype, local_only)))
-        pipe = StableDiffusionPipeline.from_pretrained(teacher, dtype=dtype, safety_checker=None, **parts,
-                                                       requires_safety_checker=False, local_files_only=local_only)
+            parts = frozen_parts(str(path), frozen_dtype, local_only)
+        if family == "sdxl":
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, **parts, local_files_only=True)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None, **parts,
+                                                           requires_safety_checker=False, local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as err:
-        where = "folder" if path.exists() else "hub id (not a local folder, and not in the local Hugging Face cache)"
-        raise UserError(f"teacher {teacher!r}: could not load it as a {where}: {err}") from None
+        raise UserError(f"teacher {teacher!r}: could not load the pipeline in {path}: {err}") from None
     pipe.set_progress_bar_config(disable=True)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction not in SUPPORTED_PREDICTIONS:
@@ -54,13 +86,24 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32, local_only: 
     return pipe
 
 
-def frozen_parts(teacher: str, dtype: torch.dtype, local_only: bool = True):
-    """The teacher's text encoder and VAE, loaded directly in `dtype`."""
+def frozen_parts(teacher: str, dtype: torch.dtype, local_only: bool = True) -> dict[str, torch.nn.Module]:
+    """The teacher's frozen parts (text encoder(s) and VAE) by component name, loaded directly in `dtype`. A VAE
+    that overflows in float16 (`force_upcast`, SDXL's) stays float32 when `dtype` is float16."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    return (CLIPTextModel.from_pretrained(teacher, subfolder="text_encoder", dtype=dtype, local_files_only=local_only),
-            AutoencoderKL.from_pretrained(teacher, subfolder="vae", torch_dtype=dtype, local_files_only=local_only))
+    path = local_folder(teacher, local_only)
+    family = check_pipeline_folder(path)
+    vae_dtype = dtype
+    if dtype == torch.float16 and read_json(path / "vae" / "config.json").get("force_upcast", False):
+        vae_dtype = torch.float32
+    parts = {"text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype,
+                                                           local_files_only=True)}
+    if family == "sdxl":
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", dtype=dtype, local_files_only=True)
+    parts["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
+    return parts
 
 
 def load_tiny_decoder(path: str | Path, vae, dtype: torch.dtype = torch.float32):
@@ -107,11 +150,3 @@ def alphas_cumprod(pipe) -> torch.Tensor:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.float()
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Text embeddings exactly as StableDiffusionPipeline computes them (padded to model length)."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    return pipe.text_encoder(ids)[0]

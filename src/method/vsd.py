@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import adapters
+from .conditioning import Conditioning, as_conditioning
 
 PredictionType = Literal["epsilon", "v_prediction"]
 Reduction = Literal["mean", "sum_over_batch"]
@@ -73,14 +74,15 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch
     return uncond + scale * (cond - uncond)
 
 
-def guided_eps(unet, x_t: torch.Tensor, t: torch.Tensor, abar_t: torch.Tensor, cond: torch.Tensor,
-               uncond: torch.Tensor, scale: float, prediction_type: PredictionType) -> torch.Tensor:
+def guided_eps(unet, x_t: torch.Tensor, t: torch.Tensor, abar_t: torch.Tensor, cond: Conditioning | torch.Tensor,
+               uncond: Conditioning | torch.Tensor, scale: float, prediction_type: PredictionType) -> torch.Tensor:
     """CFG noise estimate; both branches in one batched UNet call (B -> 2B), or only the conditional
-    one at scale 1. `uncond` may be (1, L, D)."""
+    one at scale 1. `uncond` may be a batch of one. A bare tensor is a Stable Diffusion context."""
+    cond = as_conditioning(cond)
     if scale == 1.0:          # uncond + 1 * (cond - uncond) is the conditional branch: one call of B
-        return eps_from_output(x_t, unet(x_t, t, encoder_hidden_states=cond).sample, abar_t, prediction_type)
-    uncond = uncond.expand_as(cond)
-    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+        return eps_from_output(x_t, unet(x_t, t, **cond.unet_kwargs()).sample, abar_t, prediction_type)
+    both = as_conditioning(uncond).expand(len(cond)).cat(cond)
+    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **both.unet_kwargs()).sample
     eps = eps_from_output(torch.cat([x_t, x_t]), out, torch.cat([abar_t, abar_t]), prediction_type)
     eps_u, eps_c = eps.chunk(2)
     return cfg_combine(eps_u, eps_c, scale)
@@ -106,7 +108,8 @@ class VSDLoss:
     """Student loss: score distillation between the frozen teacher and the LoRA teacher.
 
     Call with the teacher UNet (carrying the LoRA adapter), the student's x0 (with grad), the
-    prompt and empty-prompt embeddings and the teacher's alphas_cumprod.
+    prompts' and the empty prompt's conditioning (src/method/conditioning.py; a bare tensor is a Stable
+    Diffusion context) and the teacher's alphas_cumprod.
     """
 
     guidance_scale: float = 4.5          # paper: 4.5, on both scores
@@ -122,7 +125,7 @@ class VSDLoss:
         """The CFG scale of the LoRA teacher's score (the teacher's unless set apart)."""
         return self.guidance_scale if self.lora_guidance_scale is None else self.lora_guidance_scale
 
-    def __call__(self, unet, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+    def __call__(self, unet, x0: torch.Tensor, cond: Conditioning | torch.Tensor, uncond: Conditioning | torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
         b = x0.shape[0]
         t = torch.randint(self.t_min, self.t_max + 1, (b,), generator=generator).to(x0.device)
@@ -154,18 +157,18 @@ class LoRALoss:
     weighting: Literal["abar", "uniform"] = "abar"   # official code: abar_t; uniform = plain DDPM loss
     adapter: str | None = None           # the LoRA teacher's adapter name (None: the active one)
 
-    def __call__(self, unet, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+    def __call__(self, unet, x0: torch.Tensor, cond: Conditioning | torch.Tensor, uncond: Conditioning | torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
         b = x0.shape[0]
         x0 = x0.detach()
         t = torch.randint(0, len(alphas_cumprod), (b,), generator=generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         drop = torch.rand(b, generator=generator).to(x0.device) < self.p_uncond
-        emb = torch.where(_bcast(drop, cond).bool(), uncond.expand_as(cond), cond)
+        emb = as_conditioning(cond).where(drop, as_conditioning(uncond).expand(b))
         abar_t = alphas_cumprod.to(x0.device)[t]
         x_t = add_noise(x0, eps, abar_t)
         with adapters(unet, enabled=True, name=self.adapter):
-            out = unet(x_t, t, encoder_hidden_states=emb).sample
+            out = unet(x_t, t, **emb.unet_kwargs()).sample
         eps_pred = eps_from_output(x_t, out, abar_t, self.prediction_type)
         per_sample = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").mean(dim=(1, 2, 3))
         weight = abar_t.float() if self.weighting == "abar" else torch.ones_like(per_sample)
