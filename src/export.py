@@ -49,6 +49,7 @@ from .core.fileio import atomic_dir, write_json
 from .core.images import psnr
 from .core.prompts import read_prepared
 from .core.text import padded_token_ids
+from .method.conditioning import Conditioning, family_of, pixel_size, time_ids
 from .method.noise import initial_noise
 from .method.onestep import decode, student_x0, timestep_of
 from .method.teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
@@ -64,7 +65,8 @@ class Paths:
 
 
 class OneStepGraph(torch.nn.Module):
-    """token ids + noise -> images in [0, 1]: what the ONNX graph computes."""
+    """token ids + noise -> images in [0, 1]: what the ONNX graph of a Stable Diffusion 1.x / 2.x student
+    computes."""
 
     def __init__(self, pipe):
         super().__init__()
@@ -78,8 +80,55 @@ class OneStepGraph(torch.nn.Module):
         return decode(self.vae, student_x0(self.unet, noise, text, self.abar, self.prediction, self.timestep))
 
 
+class OneStepGraphXL(torch.nn.Module):
+    """SDXL: both tokenizers' ids + noise -> images in [0, 1]. The context (both encoders' penultimate
+    hidden states), the pooled embedding and the time ids (the resolution fixed at export) are computed
+    inside, as src/method/conditioning.py computes them."""
+
+    def __init__(self, pipe):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = pipe.text_encoder, pipe.text_encoder_2
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.register_buffer("abar", alphas_cumprod(pipe), persistent=False)
+        self.register_buffer("time_ids", time_ids(pixel_size(pipe), 1), persistent=False)
+        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        self.timestep = timestep_of(pipe)
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        first = self.text_encoder(input_ids, output_hidden_states=True)
+        second = self.text_encoder_2(input_ids_2, output_hidden_states=True)
+        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        text = Conditioning(context, second.text_embeds, self.time_ids.expand(noise.shape[0], -1).to(context.dtype))
+        x0 = student_x0(self.unet, noise, text, self.abar, self.prediction, self.timestep)
+        return decode(self.vae, x0.to(self.vae.dtype))
+
+
+def graph_of(pipe) -> torch.nn.Module:
+    return (OneStepGraphXL if family_of(pipe) == "sdxl" else OneStepGraph)(pipe).eval()
+
+
+def input_names(pipe) -> list[str]:
+    """The graph's inputs in order: the token ids (of both tokenizers for SDXL), then the noise."""
+    return ["input_ids", "input_ids_2", "noise"] if family_of(pipe) == "sdxl" else ["input_ids", "noise"]
+
+
 def contract(pipe) -> dict:
-    """What a caller needs besides the graph: shapes, the tokenizer's ids, the noise convention."""
+    """What a caller needs besides the graph: shapes, the tokenizer's ids, the noise convention (SDXL: the
+    second tokenizer's ids and the resolution the time ids were fixed at)."""
+    c = sd_contract(pipe)
+    if family_of(pipe) == "sdxl":
+        tok, size = pipe.tokenizer_2, pixel_size(pipe)
+        c["inputs"] = {"input_ids": c["inputs"]["input_ids"], "input_ids_2": ["batch", tok.model_max_length],
+                       "noise": c["inputs"]["noise"]}
+        c |= {"family": "sdxl",
+              "tokenizer_2": {"file": "tokenizer_2.json", "max_length": tok.model_max_length,
+                              "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id},
+              "resolution": size, "time_ids": time_ids(size, 1)[0].tolist(),
+              "vae_float32_in_fp16": bool(pipe.vae.config.get("force_upcast", False))}
+    return c
+
+
+def sd_contract(pipe) -> dict:
     tok, unet = pipe.tokenizer, pipe.unet
     return {
         "inputs": {"input_ids": ["batch", tok.model_max_length], "noise": ["batch", unet.config.in_channels,
@@ -99,25 +148,29 @@ def contract(pipe) -> dict:
 def export_fp32(pipe, path: Path, opset: int, exporter: str = "torchscript") -> None:
     """torch -> ONNX with a dynamic batch, external data when over 2 GB. `exporter`: torchscript (the
     legacy tracer, deprecated by PyTorch) or dynamo (torch.export; needs the onnxscript package)."""
-    graph = OneStepGraph(pipe).eval()
+    graph = graph_of(pipe)
     c = contract(pipe)
     ids = torch.full((2, c["max_length"]), c["pad_id"], dtype=torch.long)   # batch 2: a size-1 axis is not
     noise = torch.zeros(2, *c["latent_shape"])                             # exported as dynamic
+    inputs = (ids, noise)
+    if "tokenizer_2" in c:
+        t2 = c["tokenizer_2"]
+        inputs = (ids, torch.full((2, t2["max_length"]), t2["pad_id"], dtype=torch.long), noise)
     raw = path.parent / "raw.onnx"
-    names = dict(input_names=["input_ids", "noise"], output_names=["images"], opset_version=opset)
+    names = dict(input_names=input_names(pipe), output_names=["images"], opset_version=opset)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shape asserts in diffusers blocks
         # both inputs share the one batch dimension; torch.export says so once per input name
         warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used")
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
-            program = torch.onnx.export(graph, (ids, noise), None, dynamo=True, verbose=False,
-                                        dynamic_shapes=({0: batch}, {0: batch}), **names)
+            program = torch.onnx.export(graph, inputs, None, dynamo=True, verbose=False,
+                                        dynamic_shapes=tuple({0: batch} for _ in inputs), **names)
             program.save(str(raw))            # its weights go to raw.onnx.data past 2 GB
             del program
         else:
-            torch.onnx.export(graph, (ids, noise), str(raw), dynamo=False, **names,
-                              dynamic_axes={"input_ids": {0: "batch"}, "noise": {0: "batch"}, "images": {0: "batch"}})
+            torch.onnx.export(graph, inputs, str(raw), dynamo=False, **names,
+                              dynamic_axes={n: {0: "batch"} for n in names["input_names"] + ["images"]})
     del graph
     consolidate(raw, path)
     for f in path.parent.iterdir():
@@ -125,16 +178,19 @@ def export_fp32(pipe, path: Path, opset: int, exporter: str = "torchscript") -> 
             f.unlink()
 
 
-def reference(pipe, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, noise, images) of the PyTorch student: what the ONNX graphs must reproduce."""
+def reference(pipe, prompts: list[str], seeds: list[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(the graph's inputs by name, images) of the PyTorch student: what the ONNX graphs must reproduce."""
     c = contract(pipe)
-    ids, noise = padded_token_ids(pipe.tokenizer, prompts, "np"), initial_noise(seeds, tuple(c["latent_shape"]))
+    feeds = {"input_ids": padded_token_ids(pipe.tokenizer, prompts, "np")}
+    if "tokenizer_2" in c:
+        feeds["input_ids_2"] = padded_token_ids(pipe.tokenizer_2, prompts, "np")
+    feeds["noise"] = initial_noise(seeds, tuple(c["latent_shape"]))
     with torch.no_grad():
-        ref = OneStepGraph(pipe).eval()(torch.from_numpy(ids), torch.from_numpy(noise)).numpy()
-    return ids, noise, ref
+        ref = graph_of(pipe)(*(torch.from_numpy(feeds[n]) for n in input_names(pipe))).numpy()
+    return feeds, ref
 
 
-def parity(files: dict[str, Path], ids: np.ndarray, noise: np.ndarray, ref: np.ndarray,
+def parity(files: dict[str, Path], feeds: dict[str, np.ndarray], ref: np.ndarray,
            providers: dict[str, str] | None = None) -> dict[str, float]:
     """ONNX vs the PyTorch student's images `ref` for the same inputs: PSNR and max error on [0, 1].
     `providers`: where each graph runs (cpu unless named: a fused fp16 graph runs on cuda only)."""
@@ -143,7 +199,7 @@ def parity(files: dict[str, Path], ids: np.ndarray, noise: np.ndarray, ref: np.n
         t0 = time.perf_counter()
         session = run_session(f, PROVIDER[(providers or {}).get(name, "cpu")])
         out[f"session_load_s_{name}"] = round(time.perf_counter() - t0, 1)
-        got = session.run(["images"], {"input_ids": ids, "noise": noise})[0]
+        got = session.run(["images"], feeds)[0]
         out[f"psnr_{name}"] = round(psnr(got, ref), 3)
         out[f"max_abs_err_{name}"] = float(np.abs(got - ref).max())
         del session                   # one multi-GB session at a time
@@ -164,7 +220,8 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
     records = read_prepared(paths.eval_prompts, cfg.parity_prompts) if paths.eval_prompts.is_file() else []
     prompts = [r["prompt"] for r in records] or ["a photo of a cat"]
     seeds = [int(r["seed"]) for r in records] or [0]
-    ids, noise, ref = reference(pipe, prompts, seeds)
+    feeds, ref = reference(pipe, prompts, seeds)
+    keep_vae_fp32 = bool(pipe.vae.config.get("force_upcast", False))     # SDXL's VAE overflows in float16
     t0 = time.perf_counter()
     with atomic_dir(paths.out) as tmp:
         files = {"fp32": tmp / "fp32" / "model.onnx", "fp16": tmp / "fp16" / "model.onnx"}
@@ -172,6 +229,8 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
             f.parent.mkdir(parents=True)
         export_fp32(pipe, files["fp32"], cfg.opset, cfg.exporter)
         pipe.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        if getattr(pipe, "tokenizer_2", None) is not None:
+            pipe.tokenizer_2.backend_tokenizer.save(str(tmp / "tokenizer_2.json"))
         c = contract(pipe)
         (tmp / "onestep.json").write_text(json.dumps(c, indent=2) + "\n")
         del pipe                      # the PyTorch weights: gone before the fp16 graph and the sessions load
@@ -182,10 +241,10 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
         if cfg.fuse == "cuda":
             fused = fuse_cuda(files["fp32"], files["fp16"])
         else:
-            export_fp16(files["fp32"], files["fp16"])
+            export_fp16(files["fp32"], files["fp16"], keep_vae_fp32)
         timings = {"export_fp32_s": round(t_fuse - t0, 1), "fuse_s": round(t_fp16 - t_fuse, 1),
                    "convert_fp16_s": round(time.perf_counter() - t_fp16, 1)}
-        metrics = parity(files, ids, noise, ref, {"fp16": cfg.fuse} if cfg.fuse == "cuda" else None) | timings
+        metrics = parity(files, feeds, ref, {"fp16": cfg.fuse} if cfg.fuse == "cuda" else None) | timings
         metrics |= {"fuse": cfg.fuse, "fusions": fused}
         metrics |= {f"external_data_{k}": (f.parent / (f.name + ".data")).is_file() for k, f in files.items()}
         metrics |= {f"size_mb_{k}": round(sum(p.stat().st_size for p in f.parent.iterdir()) / 2**20, 2)

@@ -107,11 +107,21 @@ SCHEDULER = {
 SAFETY_CHECKER = {"sd15": True, "sd21-base": False, "sd21": False, "sdxl": False}
 PAD_TOKEN = {"sd15": "<|endoftext|>", "sd21-base": "!", "sd21": "!", "sdxl": "<|endoftext|>"}
 PAD_TOKEN_2 = {"sdxl": "!"}
+SCALES = ("full", "tiny", "micro")
 
 
-def narrow(config: dict, kind: str) -> dict:
-    """The tiny scale: every value kept but the widths (and the group counts that must divide them)."""
+def narrow(config: dict, kind: str, micro: bool = False) -> dict:
+    """The tiny scale: every value kept but the widths (and the group counts that must divide them). The micro
+    scale (tests of whole stages) is also shallow: one layer per block, one transformer layer, two text layers."""
     c = dict(config)
+    if micro and kind == "unet":
+        c["layers_per_block"] = 1
+        if "transformer_layers_per_block" in c:
+            c["transformer_layers_per_block"] = [1] * len(c["transformer_layers_per_block"])
+    elif micro and kind == "vae":
+        c["layers_per_block"] = 1
+    elif micro and kind == "text":
+        c["num_hidden_layers"] = 2
     if kind == "unet":
         c["block_out_channels"] = [w // 8 for w in c["block_out_channels"]]      # 40/80/160/160
         c["norm_num_groups"] = 8                 # divides 40; heads (8 or 5/10/20/20) still divide every width
@@ -186,19 +196,19 @@ def build_components(arch: Arch, scale: str, seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
-    tiny = scale == "tiny"
-    text_cfg = narrow(TEXT_ENCODER[arch], "text") if tiny else TEXT_ENCODER[arch]
-    unet_cfg = narrow(UNET[arch], "unet") if tiny else UNET[arch]
+    tiny, micro = scale in ("tiny", "micro"), scale == "micro"
+    text_cfg = narrow(TEXT_ENCODER[arch], "text", micro) if tiny else TEXT_ENCODER[arch]
+    unet_cfg = narrow(UNET[arch], "unet", micro) if tiny else UNET[arch]
     text2_cfg = None
     if arch in TEXT_ENCODER_2:
-        text2_cfg = narrow(TEXT_ENCODER_2[arch], "text") if tiny else TEXT_ENCODER_2[arch]
+        text2_cfg = narrow(TEXT_ENCODER_2[arch], "text", micro) if tiny else TEXT_ENCODER_2[arch]
         if tiny:   # the context is both encoders' hidden states side by side; the added input pooled + 6 time ids
             unet_cfg |= {"cross_attention_dim": text_cfg["hidden_size"] + text2_cfg["hidden_size"],
                          "projection_class_embeddings_input_dim":
                              text2_cfg["projection_dim"] + 6 * unet_cfg["addition_time_embed_dim"]}
     elif tiny:
         unet_cfg |= {"cross_attention_dim": text_cfg["hidden_size"]}     # cross-attention reads the encoder's width
-    vae_cfg = narrow(VAE[arch], "vae") if tiny else VAE[arch]
+    vae_cfg = narrow(VAE[arch], "vae", micro) if tiny else VAE[arch]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_cfg)
     vae = AutoencoderKL(**vae_cfg)
@@ -228,8 +238,8 @@ def write_layout(arch: Arch, out: Path, scale: str = "full", seed: int = 0) -> d
 
     if arch not in ARCHES:
         raise UserError(f"--arch {arch!r}: expected one of {', '.join(ARCHES)}")
-    if scale not in ("full", "tiny"):
-        raise UserError(f"--scale {scale!r}: expected full or tiny")
+    if scale not in SCALES:
+        raise UserError(f"--scale {scale!r}: expected one of {', '.join(SCALES)}")
     if arch == "sdxl":
         return write_sdxl_layout(out, scale, seed)
     unet, vae, text_encoder, safety = build_components(arch, scale, seed)
@@ -308,8 +318,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=ARCHES, help="which published layout to reproduce")
     parser.add_argument("--out", required=True, type=Path, help="folder to write (replaced atomically)")
-    parser.add_argument("--scale", choices=("full", "tiny"), default="full",
-                        help="full: the real parameter counts; tiny: every config value but the widths")
+    parser.add_argument("--scale", choices=SCALES, default="full",
+                        help="full: the real parameter counts; tiny: every config value but the widths; micro: "
+                             "tiny and shallow (one layer per block), for tests of whole stages")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
     counts = write_layout(args.arch, args.out, args.scale, args.seed)

@@ -120,7 +120,7 @@ def test_the_graph_reads_relative_and_lazy_imports():
     assert "src.core.errors" in edges["src.distill"]                 # from .core.errors import ...
     assert "src.core.manifest" in edges["src.flows"]                 # from .core import manifest
     assert "src.evaluate" in edges["src.merge"]                      # inside a function
-    assert "src.method.teacher" in edges["src.method.onestep"]       # inside a function, one level down
+    assert "src.method.conditioning" in edges["src.method.onestep"]  # inside a function, one level down
 
 
 def test_every_import_of_src_names_a_module_that_exists():

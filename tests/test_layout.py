@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.layout import ARCHES, TEXT_ENCODER, UNET, VAE, write_layout
+from src.layout import TEXT_ENCODER, UNET, VAE, write_layout
+
+ARCHES = ("sd15", "sd21-base", "sd21")        # SDXL's folder: tests/test_conditioning.py
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ def sdxl_teacher(tmp_path_factory):
     from src.layout import write_layout
 
     out = tmp_path_factory.mktemp("sdxl") / "teacher"
-    write_layout("sdxl", out, scale="tiny", seed=0)
+    write_layout("sdxl", out, scale="micro", seed=0)
     return out
 
 
@@ -82,3 +82,56 @@ def test_a_teacher_folder_missing_its_second_encoder_is_refused_by_name(sdxl_tea
     shutil.rmtree(broken / "text_encoder_2")
     with pytest.raises(UserError, match="not a Stable Diffusion XL pipeline: missing text_encoder_2"):
         load_pipeline(str(broken))
+
+
+@pytest.fixture(scope="module")
+def sdxl_onnx(tmp_path_factory, sdxl_student, world_prompts):
+    from src.core.config import ExportConfig
+    from src.export import Paths, export
+
+    student, _ = sdxl_student
+    out = tmp_path_factory.mktemp("sdxl_onnx")
+    metrics = export(ExportConfig(fuse="none", parity_prompts=2),
+                     Paths(student=student, out=out / "onnx", reports=out / "rep",
+                           eval_prompts=world_prompts / "eval.jsonl"))
+    return out / "onnx", metrics
+
+
+def test_the_sdxl_artifact_takes_both_token_inputs_and_keeps_parity(sdxl_onnx):
+    import onnx
+
+    folder, metrics = sdxl_onnx
+    assert metrics["psnr_fp32"] >= 40 and metrics["psnr_fp16"] >= 30
+    contract = json.loads((folder / "onestep.json").read_text())
+    assert contract["family"] == "sdxl" and contract["resolution"] == 128
+    assert contract["time_ids"] == [128, 128, 0, 0, 128, 128]
+    assert contract["tokenizer_2"]["pad_id"] == 0 and (folder / "tokenizer_2.json").is_file()
+    model = onnx.load(str(folder / "fp16" / "model.onnx"))
+    assert [i.name for i in model.graph.input] == ["input_ids", "input_ids_2", "noise"]
+    dtype = {t.name: t.data_type for t in model.graph.initializer}
+    # the VAE overflows in float16 (force_upcast): its convolutions run in float32 (their half-stored weights
+    # cast up), the UNet's in float16
+    vae = [n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("/vae/")]
+    unet = [n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("/unet/")]
+    assert vae and all(n.input[1].endswith("_cast_to_fp32") for n in vae)
+    assert unet and {dtype.get(n.input[1]) for n in unet} == {onnx.TensorProto.FLOAT16}
+    assert "`input_ids_2`" in (folder / "README.md").read_text()
+
+
+def test_infer_and_the_service_draw_the_pytorch_students_images(sdxl_onnx, sdxl_student):
+    from src.method.onestep import one_step_images
+    from src.method.teacher import alphas_cumprod, load_pipeline
+    from src.serving.runtime import load_artifact, stream_images
+    from src.serving.service import load_model
+
+    folder, _ = sdxl_onnx
+    prompts, seeds = ["a red circle at the top on a blue background", "a green square"], [3, 4]
+    pipe = load_pipeline(str(sdxl_student[0]))
+    ours = one_step_images(pipe, pipe.unet, prompts, seeds, alphas_cumprod(pipe))
+    art = load_artifact(folder, "fp32", "cpu")
+    ids, _ = art.token_ids(prompts)
+    assert ids.shape == (2, 2, 77)
+    onnx_images = np.stack([img for _, img in stream_images(art, prompts, seeds, batch_size=2)])
+    assert np.abs(onnx_images.astype(int) - ours.astype(int)).max() <= 1
+    served = load_model(folder, "fp16", "cpu", threads=1)            # verified, loaded and warmed up
+    assert served.tokenizer_2 is not None and served.version == art.version

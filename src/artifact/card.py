@@ -41,7 +41,7 @@ A text-to-image generator distilled from a Stable-Diffusion-style teacher with S
 | name | type | shape | meaning |
 |---|---|---|---|
 | `input_ids` | int64 | (batch, {c['max_length']}) | token ids: BOS ({c['bos_id']}), prompt, EOS ({c['eos_id']}), padded with {c['pad_id']}; longer prompts are cut to {c['max_length']} (EOS kept last) |
-| `noise` | float32 | (batch, {shape}) | initial latent, standard normal; `numpy.random.default_rng(seed).standard_normal(({', '.join(map(str, c['latent_shape']))}), dtype=numpy.float32)` per image |
+{second_input(c)}| `noise` | float32 | (batch, {shape}) | initial latent, standard normal; `numpy.random.default_rng(seed).standard_normal(({', '.join(map(str, c['latent_shape']))}), dtype=numpy.float32)` per image |
 | `images` | float32 | (batch, 3, H, W) | RGB in [0, 1] |
 
 Inside: text encoder -> student UNet at t = {c['timestep']} ({c['prediction_type']} prediction) -> clean
@@ -65,3 +65,13 @@ Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their 
     python -m src.infer "a red circle at the top on a blue background" --seed 0 --out cat.png
     python -m src.infer --prompts-file prompts.txt --seed 0 --out images/ --precision fp16 --provider cuda
 """
+
+
+def second_input(c: dict) -> str:
+    """The SDXL graph's second token-id input, as a row of the card's I/O table (nothing for SD)."""
+    t = c.get("tokenizer_2")
+    if t is None:
+        return ""
+    return (f"| `input_ids_2` | int64 | (batch, {t['max_length']}) | the same prompt by `tokenizer_2.json`: BOS "
+            f"({t['bos_id']}), prompt, EOS ({t['eos_id']}), padded with {t['pad_id']}; the pooled embedding and the "
+            f"time ids ({c['resolution']} px) are computed inside |\n")

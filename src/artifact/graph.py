@@ -60,8 +60,9 @@ def consolidate(raw: Path, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def export_fp16(fp32: Path, path: Path) -> None:
-    """ORT's float16 conversion with float32 I/O; the timestep embedding and the glue stay float32."""
+def export_fp16(fp32: Path, path: Path, keep_vae_fp32: bool = False) -> None:
+    """ORT's float16 conversion with float32 I/O; the timestep embedding and the glue stay float32, and the VAE
+    decoder too with `keep_vae_fp32` (a VAE that overflows in float16: SDXL's `force_upcast`)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -70,7 +71,7 @@ def export_fp16(fp32: Path, path: Path) -> None:
     full = onnx.load(str(fp32))
     known = {x.name for x in full.graph.value_info}
     full.graph.value_info.extend(v for v in types if v.name not in known)
-    keep = [n.name for n in full.graph.node if fp32_node(n.name)]
+    keep = [n.name for n in full.graph.node if fp32_node(n.name) or (keep_vae_fp32 and n.name.startswith(DECODER))]
     # The converter itself, with the types given: OnnxModel's wrapper would run ONNX shape inference,
     # which serialises the whole model and fails past 2 GB. Then the wrapper's own cast clean-ups.
     model = OnnxModel(convert_float_to_float16(full, keep_io_types=True, node_block_list=keep,
@@ -188,7 +189,8 @@ def fp32_node(name: str) -> bool:
 
 # node-name prefixes of the three networks: dynamo names nodes by module path (/vae/decoder/...), TorchScript by
 # the scope it traced (/decoder/...)
-NETWORKS = ("/unet/", "/text_encoder/", "/vae/", "/decoder/", "/post_quant_conv/")
+NETWORKS = ("/unet/", "/text_encoder/", "/text_encoder_2/", "/vae/", "/decoder/", "/post_quant_conv/")
+DECODER = ("/vae/", "/decoder/", "/post_quant_conv/")
 
 
 def drop_duplicate_casts(graph) -> int:

@@ -27,7 +27,7 @@ from ..core.config import load_config
 from ..core.errors import run_cli
 from ..core.fileio import atomic_file, write_json
 from ..method.adapters import adapters
-from ..method.conditioning import encode
+from ..method.conditioning import as_conditioning, encode
 from ..method.onestep import student_x0
 from ..method.vsd import VSDLoss, add_noise, cfg_combine, eps_from_output, surrogate_loss, vsd_grad
 from .common import DistillRun, machine
@@ -41,12 +41,13 @@ def reference_vsd(cfg: VSDLoss, unet, x0: torch.Tensor, cond: torch.Tensor, unco
     eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     abar_t = alphas_cumprod.to(x0.device)[t]
     x_t = add_noise(x0.detach(), eps, abar_t)
-    uncond = uncond.expand_as(cond)
+    cond = as_conditioning(cond)
+    uncond = as_conditioning(uncond).expand(b)
 
     def score(enabled: bool, scale: float) -> torch.Tensor:
         with adapters(unet, enabled=enabled):
-            e_u = eps_from_output(x_t, unet(x_t, t, encoder_hidden_states=uncond).sample, abar_t, cfg.prediction_type)
-            e_c = eps_from_output(x_t, unet(x_t, t, encoder_hidden_states=cond).sample, abar_t, cfg.prediction_type)
+            e_u = eps_from_output(x_t, unet(x_t, t, **uncond.unet_kwargs()).sample, abar_t, cfg.prediction_type)
+            e_c = eps_from_output(x_t, unet(x_t, t, **cond.unet_kwargs()).sample, abar_t, cfg.prediction_type)
         return cfg_combine(e_u, e_c, scale).detach().float()
 
     with torch.no_grad() if no_grad else torch.enable_grad():

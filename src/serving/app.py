@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..method.noise import initial_noise
 from .batcher import Batcher, Job
 from .requests import Rejected, parse_request, read_body
-from .runtime import contract_token_ids, png_bytes
+from .runtime import png_bytes
 from .service import Service
 
 log = logging.getLogger("src.serve")
@@ -86,7 +86,7 @@ def images_endpoint(service: Service):
             raise Rejected(503, "not_ready", "no model is loaded yet", {"Retry-After": "1"})
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
         seeds = list(range(seed, seed + req.n))
-        ids, cut = contract_token_ids(art.tokenizer, art.contract, [req.prompt])
+        ids, cut = art.token_ids([req.prompt])
         job = Job(art, np.repeat(ids, req.n, axis=0), initial_noise(seeds, tuple(art.contract["latent_shape"])),
                   loop.create_future(), loop.time())
         service.batcher.submit(job)

@@ -28,7 +28,7 @@ class Artifact:
     """A loaded, verified export folder: the ONNX session, its tokenizer, its I/O contract and version."""
 
     session: object
-    tokenizer: object
+    tokenizer: object                 # a `tokenizers` Tokenizer; SDXL: the first of two (tokenizer_2 below)
     contract: dict
     provider: str
     precision: str
@@ -36,6 +36,7 @@ class Artifact:
     folder: Path | None = None
     io_binding: bool = False          # on CUDA: inputs bound once, the output allocated by ONNX Runtime on the device
     workers: int = 1                  # on CPU: a batch is split over this many concurrent calls (see load_artifact)
+    tokenizer_2: object = None        # SDXL's second tokenizer; its ids are the graph's input_ids_2
     _pool: object = field(default=None, repr=False)
 
     def run(self, ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -50,13 +51,24 @@ class Artifact:
             return np.concatenate([f.result() for f in futures])
         return self._run(ids, noise)
 
+    def token_ids(self, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
+        """The graph's token ids for `prompts` by the I/O contract: (N, max_length), or for SDXL (N, 2,
+        max_length), both tokenizers' rows; and the cut-off text of long prompts."""
+        ids, cut = contract_token_ids(self.tokenizer, self.contract, prompts)
+        if self.tokenizer_2 is None:
+            return ids, cut
+        ids_2, _ = contract_token_ids(self.tokenizer_2, self.contract["tokenizer_2"], prompts)
+        return np.stack([ids, ids_2], axis=1), cut
+
     def _run(self, ids: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": ids, "noise": noise} if ids.ndim == 2 else \
+            {"input_ids": ids[:, 0], "input_ids_2": ids[:, 1], "noise": noise}
         if not self.io_binding:
-            return self.session.run(["images"], {"input_ids": ids, "noise": noise})[0]
+            return self.session.run(["images"], feeds)[0]
         device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
-        binding.bind_cpu_input("noise", np.ascontiguousarray(noise))
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.bind_output("images", device)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
@@ -74,6 +86,10 @@ def contract_problems(raw: dict) -> list[str]:
     """What is missing or wrong in an onestep.json mapping (export writes more keys than these)."""
     bad = [f"{k}: expected an integer >= {low}" for k, low in CONTRACT_KEYS.items()
            if not (type(raw.get(k)) is int and raw[k] >= low)]
+    second = raw.get("tokenizer_2")
+    if second is not None and not (isinstance(second, dict) and all(
+            type(second.get(k)) is int and second[k] >= low for k, low in CONTRACT_KEYS.items())):
+        bad.append("tokenizer_2: expected max_length, bos_id, eos_id and pad_id as integers")
     shape = raw.get("latent_shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d > 0 for d in shape)):
         bad.append("latent_shape: expected three positive integers [C, h, w]")
@@ -121,8 +137,9 @@ def open_session(graph: Path, precision: str, provider: str, optimization: str, 
         raise UserError("--provider cuda: CUDA is not usable here (no GPU, or onnxruntime-gpu without CUDA "
                         "libraries); use --provider cpu or auto")
     names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-    if names != (["input_ids", "noise"], ["images"]):
-        raise UserError(f"{graph}: inputs {names[0]} and outputs {names[1]}; expected (input_ids, noise) -> images")
+    if names not in ((["input_ids", "noise"], ["images"]), (["input_ids", "input_ids_2", "noise"], ["images"])):
+        raise UserError(f"{graph}: inputs {names[0]} and outputs {names[1]}; expected (input_ids, noise) -> images "
+                        "or, for SDXL, (input_ids, input_ids_2, noise) -> images")
     return session
 
 
@@ -142,20 +159,26 @@ def load_artifact(folder: Path, precision: str = "fp32", provider: str = "auto",
     if missing:
         raise UserError(f"no exported model at {folder} (missing {', '.join(map(str, missing))}); "
                         "run `dvc repro export` first, or pass --model")
-    version = manifest.verify(folder, ["onestep.json", "tokenizer.json", f"{precision}/"])["version"]
     contract = read_contract(folder / "onestep.json")
+    second = ["tokenizer_2.json"] if "tokenizer_2" in contract else []
+    if second and not (folder / second[0]).is_file():
+        raise UserError(f"{folder}: the contract names tokenizer_2.json (an SDXL artifact), which is missing; "
+                        "re-export it")
+    version = manifest.verify(folder, ["onestep.json", "tokenizer.json", *second, f"{precision}/"])["version"]
+    contract = read_contract(folder / "onestep.json")              # as verified
     tokenizer = read_tokenizer(folder / "tokenizer.json")
+    tokenizer_2 = read_tokenizer(folder / second[0]) if second else None
     if workers > 1 and not threads:
         threads = max(1, cpu_cores() // workers)
     session = open_session(graph, precision, provider, optimization, threads)
-    declared = session.get_inputs()[1].shape[1:]
+    declared = next(i for i in session.get_inputs() if i.name == "noise").shape[1:]
     if all(isinstance(d, int) for d in declared) and list(declared) != list(contract["latent_shape"]):
         raise UserError(f"{graph}: takes noise of shape {declared}, but {folder / 'onestep.json'} says "
                         f"{contract['latent_shape']}; the files come from different exports, re-export")
     used = session.get_providers()[0]
     on_cuda = used == "CUDAExecutionProvider"
     return Artifact(session, tokenizer, contract, used, precision, version, folder, io_binding=on_cuda,
-                    workers=1 if on_cuda else workers)
+                    workers=1 if on_cuda else workers, tokenizer_2=tokenizer_2)
 
 
 def contract_token_ids(tokenizer, contract: dict, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -175,7 +198,7 @@ def contract_token_ids(tokenizer, contract: dict, prompts: list[str]) -> tuple[n
 def stream_images(art: Artifact, prompts: list[str], seeds: list[int], batch_size: int = 8):
     """Yield (index, uint8 HxWx3 image) in order; batches never change an image."""
     c = art.contract
-    ids, cut = contract_token_ids(art.tokenizer, c, prompts)
+    ids, cut = art.token_ids(prompts)
     if cut:
         print(f"warning: {len(cut)} prompt(s) longer than {c['max_length']} tokens were truncated (as diffusers "
               f"does); dropped text of the first: {cut[0]!r}", file=sys.stderr)

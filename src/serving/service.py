@@ -10,7 +10,7 @@ from pathlib import Path
 from ..core.config import ServeConfig
 from ..method.noise import initial_noise
 from .batcher import Batcher, Metrics
-from .runtime import Artifact, contract_token_ids, load_artifact
+from .runtime import Artifact, load_artifact
 
 log = logging.getLogger("src.serve")
 
@@ -18,7 +18,7 @@ log = logging.getLogger("src.serve")
 def load_model(folder: Path, precision: str, provider: str, threads: int, workers: int = 1) -> Artifact:
     """Verify, load and warm up an artifact (a first call allocates what later calls reuse)."""
     art = load_artifact(folder, precision, provider, threads=threads, workers=workers)
-    ids, _ = contract_token_ids(art.tokenizer, art.contract, ["warm-up"])
+    ids, _ = art.token_ids(["warm-up"])
     art.run(ids, initial_noise([0], tuple(art.contract["latent_shape"])))
     return art
 
