@@ -103,6 +103,12 @@ class OneStepGraphXL(torch.nn.Module):
         return decode(self.vae, x0.to(self.vae.dtype))
 
 
+def vae_needs_float32(pipe) -> bool:
+    """SDXL's VAE overflows in float16; its pipeline decodes in float32 when the config says `force_upcast`
+    (diffusers writes that flag into every AutoencoderKL config, but only the SDXL pipeline reads it)."""
+    return family_of(pipe) == "sdxl" and bool(pipe.vae.config.get("force_upcast", False))
+
+
 def graph_of(pipe) -> torch.nn.Module:
     return (OneStepGraphXL if family_of(pipe) == "sdxl" else OneStepGraph)(pipe).eval()
 
@@ -124,7 +130,7 @@ def contract(pipe) -> dict:
               "tokenizer_2": {"file": "tokenizer_2.json", "max_length": tok.model_max_length,
                               "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id},
               "resolution": size, "time_ids": time_ids(size, 1)[0].tolist(),
-              "vae_float32_in_fp16": bool(pipe.vae.config.get("force_upcast", False))}
+              "vae_float32_in_fp16": vae_needs_float32(pipe)}
     return c
 
 
@@ -221,7 +227,7 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
     prompts = [r["prompt"] for r in records] or ["a photo of a cat"]
     seeds = [int(r["seed"]) for r in records] or [0]
     feeds, ref = reference(pipe, prompts, seeds)
-    keep_vae_fp32 = bool(pipe.vae.config.get("force_upcast", False))     # SDXL's VAE overflows in float16
+    keep_vae_fp32 = vae_needs_float32(pipe)
     t0 = time.perf_counter()
     with atomic_dir(paths.out) as tmp:
         files = {"fp32": tmp / "fp32" / "model.onnx", "fp16": tmp / "fp16" / "model.onnx"}

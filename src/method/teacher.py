@@ -88,14 +88,16 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32, local_only: 
 
 def frozen_parts(teacher: str, dtype: torch.dtype, local_only: bool = True) -> dict[str, torch.nn.Module]:
     """The teacher's frozen parts (text encoder(s) and VAE) by component name, loaded directly in `dtype`. A VAE
-    that overflows in float16 (`force_upcast`, SDXL's) stays float32 when `dtype` is float16."""
+    that overflows in float16 (an SDXL VAE with `force_upcast`, as its pipeline reads the flag) stays float32
+    when `dtype` is float16."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = local_folder(teacher, local_only)
     family = check_pipeline_folder(path)
     vae_dtype = dtype
-    if dtype == torch.float16 and read_json(path / "vae" / "config.json").get("force_upcast", False):
+    vae_config = read_json(path / "vae" / "config.json")
+    if dtype == torch.float16 and family == "sdxl" and vae_config.get("force_upcast", False):
         vae_dtype = torch.float32
     parts = {"text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype,
                                                            local_files_only=True)}
