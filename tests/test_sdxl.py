@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from test_evaluate_coco import coco, coco_cfg  # noqa: F401 (the COCO-format set fixture)
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +137,19 @@ def test_infer_and_the_service_draw_the_pytorch_students_images(sdxl_onnx, sdxl_
     assert np.abs(onnx_images.astype(int) - ours.astype(int)).max() <= 1
     served = load_model(folder, "fp16", "cpu", threads=1)            # verified, loaded and warmed up
     assert served.tokenizer_2 is not None and served.version == art.version
+
+
+def test_coco_mode_evaluates_an_sdxl_teacher_and_its_student(tmp_path, coco, micro_models, sdxl_teacher,
+                                                               sdxl_student):
+    """The paper's protocol with an SDXL teacher: every generator drawn at the student's resolution, resized
+    and scored as for SD."""
+    from src.evaluate import Paths, evaluate
+
+    models, _ = micro_models
+    paths = Paths(eval_prompts=coco / "prompts" / "eval.jsonl", student=sdxl_student[0], images=tmp_path / "img",
+                  reports=tmp_path / "rep")
+    metrics = evaluate(coco_cfg(coco, models), str(sdxl_teacher), paths)
+    assert set(metrics) == {"teacher_1", "teacher_2", "student_1"}
+    assert all(np.isfinite(m["fid"]) and -1 <= m["clip_score"] <= 1 for m in metrics.values())
+    drawn = [np.asarray(Image.open(p)) for p in sorted((paths.images / "student_1").glob("*.png"))]
+    assert drawn and all(d.shape == (256, 256, 3) for d in drawn)           # COCO's 256 px, from 128 px drawings
