@@ -139,7 +139,7 @@ def test_infer_and_the_service_draw_the_pytorch_students_images(sdxl_onnx, sdxl_
     assert served.tokenizer_2 is not None and served.version == art.version
 
 
-def test_coco_mode_evaluates_an_sdxl_teacher_and_its_student(tmp_path, coco, micro_models, sdxl_teacher,
+def test_coco_mode_evaluates_an_sdxl_teacher_and_its_student(tmp_path, coco, micro_models, sdxl_teacher,  # noqa: F811 (the fixture)
                                                                sdxl_student):
     """The paper's protocol with an SDXL teacher: every generator drawn at the student's resolution, resized
     and scored as for SD."""
