@@ -49,7 +49,7 @@ from .core.fileio import atomic_dir, write_json
 from .core.images import psnr
 from .core.prompts import read_prepared
 from .core.text import padded_token_ids
-from .method.conditioning import Conditioning, family_of, pixel_size, time_ids
+from .method.conditioning import family_of, pixel_size, sdxl_conditioning, time_ids
 from .method.noise import initial_noise
 from .method.onestep import decode, student_x0, timestep_of
 from .method.teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
@@ -95,10 +95,9 @@ class OneStepGraphXL(torch.nn.Module):
         self.timestep = timestep_of(pipe)
 
     def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        first = self.text_encoder(input_ids, output_hidden_states=True)
-        second = self.text_encoder_2(input_ids_2, output_hidden_states=True)
-        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-        text = Conditioning(context, second.text_embeds, self.time_ids.expand(noise.shape[0], -1).to(context.dtype))
+        text = sdxl_conditioning(self.text_encoder(input_ids, output_hidden_states=True),
+                                 self.text_encoder_2(input_ids_2, output_hidden_states=True),
+                                 self.time_ids.expand(noise.shape[0], -1))
         x0 = student_x0(self.unet, noise, text, self.abar, self.prediction, self.timestep)
         return decode(self.vae, x0.to(self.vae.dtype))
 

@@ -34,6 +34,22 @@ def tiny_unet():
 
 
 @pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    """Builder of SDXL base teacher folders with random weights (src.layout): `sdxl_folder("tiny")` or
+    `sdxl_folder("micro")`, each written once per session."""
+    from src.layout import write_layout
+
+    made: dict[str, Path] = {}
+
+    def build(scale: str) -> Path:
+        if scale not in made:
+            made[scale] = tmp_path_factory.mktemp(f"sdxl_{scale}") / "teacher"
+            write_layout("sdxl", made[scale], scale=scale, seed=0)
+        return made[scale]
+    return build
+
+
+@pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
 

@@ -14,12 +14,8 @@ PROMPTS = ["a red circle at the top on a blue background", "a cat"]
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    from src.layout import write_layout
-
-    out = tmp_path_factory.mktemp("sdxl") / "teacher"
-    write_layout("sdxl", out, scale="tiny", seed=0)
-    return out
+def sdxl_dir(sdxl_folder):
+    return sdxl_folder("tiny")              # the published configs, narrowed
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,8 @@ from test_evaluate_coco import coco, coco_cfg  # noqa: F401 (the COCO-format set
 
 
 @pytest.fixture(scope="module")
-def sdxl_teacher(tmp_path_factory):
-    from src.layout import write_layout
-
-    out = tmp_path_factory.mktemp("sdxl") / "teacher"
-    write_layout("sdxl", out, scale="micro", seed=0)
-    return out
+def sdxl_teacher(sdxl_folder):
+    return sdxl_folder("micro")             # shallow: whole stages in seconds
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+from ..core.text import padded_token_ids
+
 Family = Literal["sd", "sdxl"]
 
 
@@ -96,9 +98,11 @@ def time_ids(size: int, n: int, dtype: torch.dtype = torch.float32, device=None)
     return torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype, device=device).repeat(n, 1)
 
 
-def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def sdxl_conditioning(first, second, time_ids: torch.Tensor) -> Conditioning:
+    """SDXL's conditioning from both text encoders' outputs (run with output_hidden_states=True; the second
+    with its projection): the penultimate hidden states side by side, the second's projected embedding."""
+    context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return Conditioning(context, second.text_embeds, time_ids.to(context.dtype))
 
 
 @torch.no_grad()
@@ -106,17 +110,11 @@ def encode(pipe, prompts: list[str], device: torch.device | str = "cpu", latent_
            ) -> Conditioning:
     """The conditioning of `prompts`, exactly as the family's stock pipeline computes it."""
     if family_of(pipe) == "sd":
-        return Conditioning(pipe.text_encoder(token_ids(pipe.tokenizer, prompts).to(device))[0])
-    hidden = []
-    pooled = None
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        out = encoder(token_ids(tokenizer, prompts).to(device), output_hidden_states=True)
-        if out[0].ndim == 2:                 # the projected (pooled) embedding of the encoder with projection
-            pooled = out[0]
-        hidden.append(out.hidden_states[-2])
-    context = torch.cat(hidden, dim=-1)
-    return Conditioning(context, pooled, time_ids(pixel_size(pipe, latent_side), len(prompts), context.dtype,
-                                                  context.device))
+        return Conditioning(pipe.text_encoder(padded_token_ids(pipe.tokenizer, prompts).to(device))[0])
+    first, second = (encoder(padded_token_ids(tokenizer, prompts).to(device), output_hidden_states=True)
+                     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
+                                                (pipe.tokenizer_2, pipe.text_encoder_2)))
+    return sdxl_conditioning(first, second, time_ids(pixel_size(pipe, latent_side), len(prompts), device=device))
 
 
 @torch.no_grad()
