@@ -86,8 +86,10 @@ def batch_indices(n_prompts: int, batch: int, step: int, rank: int, world: int, 
 
 
 # The modules whose code decides the training trajectory; editing one invalidates checkpoints.
-METHOD_SOURCES = ("distill.py", "method/vsd.py", "method/adapters.py", "method/clip_loss.py", "method/onestep.py",
-                  "method/teacher.py", "method/noise.py")
+def method_sources() -> list[Path]:
+    """This stage and every module of src/method/ (a new one is never left out), and the prompt tokenisation."""
+    src = Path(__file__).parent
+    return [src / "distill.py", *sorted((src / "method").glob("*.py")), src / "core" / "text.py"]
 
 
 def fingerprint(cfg: DistillConfig, lr: float, seed: int, inputs: str = "") -> str:
@@ -108,7 +110,7 @@ def inputs_digest(train_prompts: Path, tiny_decoder: Path | None = None) -> str:
     """SHA-256 of the method's source files, the training prompt file and (if used) the tiny decoder's files."""
     h = hashlib.sha256()
     extra = sorted(p for p in tiny_decoder.rglob("*") if p.is_file()) if tiny_decoder else []
-    for path in [Path(__file__).parent / n for n in METHOD_SOURCES] + [train_prompts] + extra:
+    for path in method_sources() + [train_prompts] + extra:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 

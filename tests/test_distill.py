@@ -227,6 +227,13 @@ def test_a_changed_prompt_file_or_method_code_is_part_of_the_resume_key(tmp_path
     assert inputs_digest(world_prompts / "train.jsonl") != inputs_digest(edited)
 
 
+def test_every_method_module_is_part_of_the_resume_key():
+    from src.distill import method_sources
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    assert set(method_sources()) >= set((src / "method").glob("*.py")) | {src / "distill.py", src / "core" / "text.py"}
+
+
 def test_a_run_on_an_edited_prompt_file_starts_afresh(tmp_path, micro_models, world_prompts, capsys):
     """distill passes the digest into the resume key: same settings, other prompts -> not resumed."""
     models, _ = micro_models
