@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     "core": set(),
     "method": {"core"},
-    "world": {"core"},
+    "world": {"core", "method"},
     "scoring": {"core", "world"},
     "artifact": {"core", "method"},
     "serving": {"core", "method"},

@@ -24,6 +24,7 @@ UNet learns epsilon on its latents, with 10% empty captions so classifier-free g
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -42,6 +43,7 @@ from ..core.config import parse_override
 from ..core.errors import UserError, run_cli
 from ..core.fileio import atomic_dir, write_json
 from ..core.text import padded_token_ids
+from ..method.conditioning import Conditioning, encode, encode_empty, family_of
 from .judge import read_scene, score
 from .render import render
 from .scene import Scene, caption, sample_scene
@@ -78,6 +80,9 @@ class BuildConfig:
     text: ClipSpec = ClipSpec()                                    # teacher's text tower comes from this
     evaluator: ClipSpec = ClipSpec(seed=1)                         # independent evaluator CLIP (own seed)
     guide: ClipSpec = ClipSpec(seed=2)                             # CLIP for distill's optional CLIP loss
+    layout: str = "sd"              # teacher layout: sd (one text encoder) | sdxl (two, pooled + time ids)
+    text_2: ClipSpec = ClipSpec(seed=3)                            # sdxl: the second text encoder's CLIP
+    time_embed_dim: int = 8         # sdxl: the UNet's addition_time_embed_dim (SDXL base: 256)
     vae_channels: tuple[int, ...] = (16, 32, 64)                   # 3 levels: downsampling factor 4
     vae_steps: int = 4000
     vae_batch: int = 32
@@ -102,11 +107,13 @@ MICRO = BuildConfig(
     text=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16),
     evaluator=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16, seed=1),
     guide=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16, seed=2),
+    text_2=ClipSpec(hidden=32, layers=1, heads=2, steps=3, batch=16, seed=3),
     vae_channels=(8, 16, 16), vae_steps=3, vae_batch=8,
     unet_channels=(32, 32, 32), unet_steps=3, unet_batch=8, val_every=3, val_prompts=4,
     tiny=TinySpec(channels=8, steps=3, batch=8),
 )
 SCALES = {"full": FULL, "micro": MICRO}
+LAYOUTS = ("sd", "sdxl")
 
 
 # --------------------------------------------------------------------------- data
@@ -221,9 +228,15 @@ def check_vae(vae, data: SceneSet) -> dict[str, float]:
 # --------------------------------------------------------------------------- UNet
 
 
-def make_unet(channels: tuple[int, ...], latent_size: int, cross_dim: int, seed: int):
+def make_unet(channels: tuple[int, ...], latent_size: int, cross_dim: int, seed: int,
+              pooled_dim: int | None = None, time_embed_dim: int = 8):
+    """The world's UNet; with `pooled_dim`, SDXL's "text_time" added conditioning (the pooled text embedding
+    and six time ids, each embedded sinusoidally in `time_embed_dim`) on top of the cross-attention."""
     from diffusers import UNet2DConditionModel
 
+    text_time = {} if pooled_dim is None else dict(
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim)
     torch.manual_seed(seed)
     n = len(channels)
     return UNet2DConditionModel(
@@ -231,19 +244,30 @@ def make_unet(channels: tuple[int, ...], latent_size: int, cross_dim: int, seed:
         block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=min(32, channels[0]))
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=min(32, channels[0]), **text_time)
 
 
-def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_encoder, tokenizer, vae,
-               val: SceneSet, curve: list):
-    """Epsilon-prediction on SD's schedule, text from the frozen encoder, `p_uncond` empty captions.
+def caption_conditioning(pipe, texts: list[str]) -> Conditioning:
+    """What the UNet learns from: the pipeline's own encoding of `texts` (src/method/conditioning.py, the path
+    distill and export use). For SDXL a dropped (empty) caption is the unconditional branch as the pipeline
+    builds it: zeros for the context and the pooled embedding (`force_zeros_for_empty_prompt`)."""
+    cond = encode(pipe, texts)
+    dropped = torch.tensor([t == "" for t in texts])
+    if family_of(pipe) == "sdxl" and dropped.any():
+        cond = cond.where(dropped, encode_empty(pipe).expand(len(texts)))
+    return cond
+
+
+def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, pipe, val: SceneSet, curve: list):
+    """Epsilon-prediction on SD's schedule for `pipe.unet`, conditioned by the pipeline's frozen text
+    encoder(s), with `p_uncond` empty captions.
 
     Every `val_every` steps, appends (step, judge accuracy of 10-step CFG-4.5 samples on `val`) to `curve`.
     """
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon")
-    unet = make_unet(cfg.unet_channels, latents.shape[-1], text_encoder.config.hidden_size, cfg.seed)
+    unet = pipe.unet
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     sched = warmup_cosine(opt, cfg.unet_steps)
     rng = random.Random(cfg.seed)
@@ -252,22 +276,62 @@ def train_unet(cfg: BuildConfig, latents: torch.Tensor, data: SceneSet, text_enc
     for i in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
         idx = [rng.randrange(len(latents)) for _ in range(cfg.unet_batch)]
         texts = ["" if rng.random() < cfg.p_uncond else caption(data.scenes[i], rng) for i in idx]
-        with torch.no_grad():
-            cond = text_encoder(padded_token_ids(tokenizer, texts))[0]                    # (B, 77, D)
+        cond = caption_conditioning(pipe, texts)                                  # context (B, 77, D), ...
         x0 = latents[idx]                                                         # (B, 4, h, w), scaled
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
-        pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        pred = unet(noise_sched.add_noise(x0, noise, t), t, **cond.unet_kwargs()).sample
         loss = F.mse_loss(pred, noise)
         update_step(loss, opt, sched, unet.parameters())
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         step = i + 1
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.unet_steps):
-            acc = validate(make_pipeline(tokenizer, text_encoder, vae, unet.eval()), val, cfg.seed)
+            unet.eval()
+            acc = validate(pipe, val, cfg.seed)
             curve.append({"step": step, "loss": round(loss.item(), 5), "attribute_accuracy_10": acc})
             tqdm.write(f"unet step {step}: judge accuracy (10 steps, CFG 4.5) {acc:.3f}")
             unet.train()
     return unet.eval()
+
+
+def text_encoder_with_projection(clip):
+    """A CLIPModel's text tower and text projection as a CLIPTextModelWithProjection (SDXL's text_encoder_2)."""
+    from transformers import CLIPTextModelWithProjection
+
+    config = copy.deepcopy(clip.config.text_config)
+    config.projection_dim = clip.config.projection_dim
+    encoder = CLIPTextModelWithProjection(config)
+    encoder.load_state_dict({k: v for k, v in clip.state_dict().items()
+                             if k.startswith(("text_model.", "text_projection."))}, strict=True)
+    return encoder.eval().requires_grad_(False)
+
+
+def train_teacher(cfg: BuildConfig, data: SceneSet, held: SceneSet, tokenizer, text_encoder, vae,
+                  latents: torch.Tensor, record: dict):
+    """The teacher pipeline of `cfg.layout` around the frozen text encoder and VAE: for sdxl a second text
+    CLIP is trained first (its text tower with projection becomes text_encoder_2), then the UNet."""
+    if cfg.layout not in LAYOUTS:
+        raise UserError(f"--set layout={cfg.layout!r}: expected one of {', '.join(LAYOUTS)}")
+    text_encoder_2, pooled_dim, cross_dim = None, None, text_encoder.config.hidden_size
+    if cfg.layout == "sdxl":
+        clock = time.perf_counter()
+        clip_2 = train_clip(cfg.text_2, data, tokenizer, cfg.resolution, "second text tower (clip)")
+        rng = random.Random(cfg.seed + 7)
+        record["metrics"]["text_clip_2_retrieval_accuracy"] = retrieval_accuracy(
+            clip_2, tokenizer, held.images, [caption(s, rng) for s in held.scenes],
+            [s.attributes() for s in held.scenes])["attributes"]
+        text_encoder_2 = text_encoder_with_projection(clip_2)
+        pooled_dim = text_encoder_2.config.projection_dim
+        cross_dim += text_encoder_2.config.hidden_size
+        record["wall_s"]["text_clip_2"] = round(time.perf_counter() - clock, 1)
+    unet = make_unet(cfg.unet_channels, latents.shape[-1], cross_dim, cfg.seed, pooled_dim, cfg.time_embed_dim)
+    pipe = make_pipeline(tokenizer, text_encoder, vae, unet, text_encoder_2)
+    record["unet_curve"] = []
+    val = SceneSet(held.images[:cfg.val_prompts], held.scenes[:cfg.val_prompts], held.seeds[:cfg.val_prompts])
+    clock = time.perf_counter()
+    train_unet(cfg, latents, data, pipe, val, record["unet_curve"])
+    record["wall_s"]["unet"] = round(time.perf_counter() - clock, 1)
+    return pipe
 
 
 @torch.no_grad()
@@ -285,31 +349,39 @@ def validate(pipe, val: SceneSet, seed: int, steps: int = 10, cfg: float = 4.5) 
 # --------------------------------------------------------------------------- assembly
 
 
-def make_pipeline(tokenizer, text_encoder, vae, unet):
-    """The components as a StableDiffusionPipeline with SD's DDIM scheduler (trailing spacing)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def make_pipeline(tokenizer, text_encoder, vae, unet, text_encoder_2=None):
+    """The components as a StableDiffusionPipeline with SD's DDIM scheduler (trailing spacing); with a second
+    text encoder, a StableDiffusionXLPipeline (both encoders read the world tokenizer; empty prompts give
+    zeros, as SDXL base's `force_zeros_for_empty_prompt`)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = DDIMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 
-def save_teacher(out: Path, tokenizer, text_encoder, vae, unet, tokenizer_dir: Path) -> None:
-    """Save as a Stable Diffusion pipeline in fp16 safetensors (DDIM, trailing spacing).
+def save_teacher(out: Path, pipe, tokenizer_dir: Path) -> None:
+    """Save a teacher pipeline in fp16 safetensors (DDIM, trailing spacing); it stays float32 in memory.
 
     The tokenizer's vocab.json / merges.txt are copied along, so that the folder also loads
     with tokenizer-file readers that predate tokenizer.json.
     """
-    pipe = make_pipeline(tokenizer, text_encoder, vae, unet)
-    pipe.to(torch.float16)
     extra = {name: (tokenizer_dir / name).read_bytes() for name in ("vocab.json", "merges.txt")}
+    pipe.to(torch.float16)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         declare_float32(tmp)
-        for name, data in extra.items():
-            (tmp / "tokenizer" / name).write_bytes(data)
+        for folder in ("tokenizer", "tokenizer_2"):
+            if (tmp / folder).is_dir():
+                for name, data in extra.items():
+                    (tmp / folder / name).write_bytes(data)
+    pipe.to(torch.float32)
 
 
 def declare_float32(folder: Path) -> None:
@@ -402,6 +474,31 @@ def build_tiny_decoder(cfg: BuildConfig, out_dir: Path) -> dict:
     return build_part(cfg, out_dir, "tiny", "tiny_decoder", "tiny_decoder_command", make)
 
 
+def build_sdxl_teacher(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
+    """Only an SDXL-layout teacher, out_dir/teacher_sdxl, next to an existing build: the SD teacher's frozen
+    text encoder and VAE (so both teachers see the same text tower and latents), a second text CLIP as
+    text_encoder_2 and a text-time UNet trained like the SD one. Recorded under "teacher_sdxl" in build.json."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    encoder_dir = out_dir / "teacher" / "text_encoder"
+    if not (encoder_dir / "config.json").is_file():
+        raise UserError(f"--only-sdxl-teacher: no text encoder at {encoder_dir} (build the world first, or give --out)")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_encoder = CLIPTextModel.from_pretrained(encoder_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
+    vae = saved_vae(out_dir)
+    sdxl = replace(cfg, layout="sdxl")
+
+    def make(data: SceneSet, held: SceneSet, record: dict) -> None:
+        latents = encode_latents(vae, data.images) * vae.config.scaling_factor
+        part = record["teacher_sdxl"] = {"wall_s": {}, "metrics": {}, "config": {
+            k: getattr(sdxl, k) for k in ("time_embed_dim", "unet_channels", "unet_steps", "unet_batch", "unet_lr",
+                                          "p_uncond")}}
+        pipe = train_teacher(sdxl, data, held, tokenizer, text_encoder, vae, latents, part)
+        save_teacher(out_dir / "teacher_sdxl", pipe, tokenizer_dir)
+
+    return build_part(sdxl, out_dir, "text_2", "teacher_sdxl", "teacher_sdxl_command", make)
+
+
 def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
     """Run the whole build; return the build record (also written to out_dir/build.json)."""
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -450,12 +547,10 @@ def build(cfg: BuildConfig, out_dir: Path, tokenizer_dir: Path) -> dict:
     latents = latents * vae.config.scaling_factor
     lap("vae")
 
-    record["unet_curve"] = []
-    val = SceneSet(held.images[:cfg.val_prompts], held.scenes[:cfg.val_prompts], held.seeds[:cfg.val_prompts])
-    unet = train_unet(cfg, latents, data, text_encoder, tokenizer, vae, val, record["unet_curve"])
-    lap("unet")
+    pipe = train_teacher(cfg, data, held, tokenizer, text_encoder, vae, latents, record)
+    clock = time.perf_counter()
 
-    save_teacher(out_dir / "teacher", tokenizer, text_encoder, vae, unet, tokenizer_dir)
+    save_teacher(out_dir / "teacher", pipe, tokenizer_dir)
     saved = saved_vae(out_dir)          # the VAE as users load it (its weights are saved in fp16)
     tiny = train_tiny(cfg.tiny, saved, data)
     record["metrics"].update(check_tiny(tiny, saved, held))
@@ -481,6 +576,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="build only models/guide (the CLIP of distill's optional CLIP loss) next to existing models")
     parser.add_argument("--only-tiny-decoder", action="store_true",
                         help="build only models/tiny_decoder (TAESD format) from the existing models/teacher/vae")
+    parser.add_argument("--only-sdxl-teacher", action="store_true",
+                        help="build only models/teacher_sdxl (an SDXL-layout teacher on the same text encoder and "
+                             "VAE) next to existing models")
     args = parser.parse_args(argv)
     cfg = apply_build_overrides(SCALES[args.scale], args.overrides)
     if args.dry_run:
@@ -490,6 +588,11 @@ def main(argv: list[str] | None = None) -> None:
         m = build_tiny_decoder(cfg, args.out)["metrics"]
         print(f"wrote {args.out}/tiny_decoder: {m['tiny_psnr_vs_vae']:.1f} dB against the VAE's decodes, judge "
               f"accuracy {m['tiny_judge_accuracy']:.3f} (VAE {m['vae_judge_accuracy']:.3f})")
+        return
+    if args.only_sdxl_teacher:
+        record = build_sdxl_teacher(cfg, args.out, args.tokenizer)["teacher_sdxl"]
+        print(f"wrote {args.out}/teacher_sdxl: judge accuracy (10 steps, CFG 4.5) "
+              f"{record['unet_curve'][-1]['attribute_accuracy_10']:.3f} in {record['wall_s']['unet']:.0f} s")
         return
     if args.only_guide:
         record = build_guide(cfg, args.out, args.tokenizer)
