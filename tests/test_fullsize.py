@@ -40,9 +40,10 @@ def test_static_memory_arithmetic():
     assert lora_student_params("sd21-base", rank=1) > 0
 
 
-def test_activation_count_on_meta_is_what_a_real_forward_saves():
+@pytest.mark.parametrize("arch", ["sd21-base", "sdxl"])
+def test_activation_count_on_meta_is_what_a_real_forward_saves(arch):
     """The meta-device count equals the bytes autograd saves in a real CPU forward (math attention),
-    and gradient checkpointing shrinks it."""
+    and gradient checkpointing shrinks it; SDXL's forward takes its pooled embedding and time ids."""
     import torch
     from diffusers import UNet2DConditionModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -50,7 +51,7 @@ def test_activation_count_on_meta_is_what_a_real_forward_saves():
     from src.bench.fullsize import saved_bytes
     from src.layout import UNET, narrow
 
-    cfg = {**narrow(UNET["sd21-base"], "unet"), "cross_attention_dim": 64}
+    cfg = {**narrow(UNET[arch], "unet"), "cross_attention_dim": 64}
     torch.manual_seed(0)
     real = UNet2DConditionModel(**cfg)
     with torch.device("meta"):
@@ -63,3 +64,32 @@ def test_activation_count_on_meta_is_what_a_real_forward_saves():
     assert saved_bytes(meta, 64, 2) == fused < counted
     meta.enable_gradient_checkpointing()
     assert saved_bytes(meta, 64, 2) < fused / 4
+
+
+def test_a_linear_layers_weight_is_counted_as_a_weight_not_as_an_activation():
+    """A linear layer saves its input and its weight transposed (a view of the weight): only the input is an
+    activation; counting the view would add the weight's bytes once per use."""
+    import torch
+
+    from src.bench.fullsize import counting_saved
+
+    layer = torch.nn.Linear(8, 16)
+    x = torch.randn(3, 8, requires_grad=True)
+    with counting_saved(layer) as count:
+        layer(x)
+    assert count[0] == x.numel() * 4
+
+
+def test_sdxl_static_memory_counts_both_text_encoders():
+    lora = static_gb("sdxl", {"student": "lora", "frozen_dtype": "bfloat16"})
+    assert lora["text_encoder_vae"] == pytest.approx(2 * (123_060_480 + 694_659_840 + 83_653_863) / 2**30)
+    assert lora["teacher_unet"] == pytest.approx(4 * 2_567_463_684 / 2**30)
+
+
+def test_gpu_cards_and_the_decoders_cost():
+    from src.bench.fullsize import card_for, decoder_saved_gb
+
+    assert [card_for(g) for g in (20, 30, 60, 80)] == ["24 GB", "48 GB", "80 GB", "shard over GPUs (FSDP)"]
+    vae, tiny = decoder_saved_gb("sdxl", 256, 1), decoder_saved_gb("sdxl", 256, 1, tiny=True)
+    assert 0 < tiny < vae / 4
+    assert decoder_saved_gb("sdxl", 256, 2) == pytest.approx(2 * vae)

@@ -208,12 +208,13 @@ def dir_gb(path: Path) -> float:
 
 
 STOCK_CHECK = r"""
-import sys, time, numpy as np, torch
+import json, sys, time, numpy as np, torch
+import diffusers
 from PIL import Image
-from diffusers import StableDiffusionPipeline
 from src.method.noise import initial_noise
 t0 = time.perf_counter()
-pipe = StableDiffusionPipeline.from_pretrained("models/student")      # the stock line, no dtype
+cls = getattr(diffusers, json.load(open("models/student/model_index.json"))["_class_name"])  # SD or SDXL
+pipe = cls.from_pretrained("models/student")      # the stock line, no dtype
 pipe.set_progress_bar_config(disable=True)
 t1 = time.perf_counter()
 side = pipe.unet.config.sample_size
@@ -408,13 +409,16 @@ def static_gb(arch: str, lever: dict) -> dict[str, float]:
     """Bytes that do not depend on the image size, by the arithmetic of docs/design.md, "Real teachers"."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..layout import TEXT_ENCODER, UNET, VAE
+    from ..layout import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE
 
     with torch.device("meta"):
         n_unet = sum(p.numel() for p in UNet2DConditionModel(**UNET[arch]).parameters())
         n_text = sum(p.numel() for p in CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER[arch])).parameters())
+        if arch in TEXT_ENCODER_2:         # SDXL: OpenCLIP bigG's text tower with its projection
+            n_text += sum(p.numel() for p in
+                          CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2[arch])).parameters())
         n_vae = sum(p.numel() for p in AutoencoderKL(**VAE[arch]).parameters())
     gb = 1 / 2**30
     frozen = 2 if lever["frozen_dtype"] == "bfloat16" else 4
@@ -473,23 +477,56 @@ def saved_bytes(unet, pixels: int, batch: int, fused_attention: bool = True) -> 
     import torch
 
     unet.train()
-    params = {id(p) for p in unet.parameters()}
     device = next(unet.parameters()).device
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if id(t) not in params:                        # weights are counted once, as weights
-            total += t.numel() * t.element_size()
-        return t
-
     side = pixels // 8
     z = torch.randn(batch, unet.config.in_channels, side, side, device=device)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
     attention = _fused_attention_saves() if fused_attention else contextlib.nullcontext()
-    with attention, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(z, torch.full((batch,), 999, device=device), encoder_hidden_states=text)
-    return total
+    kwargs = {"encoder_hidden_states": text}
+    if unet.config.addition_embed_type == "text_time":      # SDXL: pooled embedding + six time ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device),
+                                       "time_ids": torch.zeros(batch, 6, device=device)}
+    with attention, counting_saved(unet) as count:
+        unet(z, torch.full((batch,), 999, device=device), **kwargs)
+    return count[0]
+
+
+@contextlib.contextmanager
+def counting_saved(module):
+    """Inside: count[0] sums the bytes of the tensors autograd saves for the backward, except `module`'s
+    weights and views of them (a linear layer saves its weight transposed: the weight's memory, counted
+    once, as a weight)."""
+    import torch
+
+    params = {id(p) for p in module.parameters()}
+    count = [0]
+
+    def pack(t):
+        if id(t) not in params and (t._base is None or id(t._base) not in params):
+            count[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield count
+
+
+def decoder_saved_gb(arch: str, pixels: int, batch: int, tiny: bool = False) -> float:
+    """GB the decoder saves for its backward when the CLIP loss (distill.clip_model) decodes the student's x0
+    with gradients: the teacher's VAE, or (`tiny`, distill.clip_decoder: tiny) a TAESD-format AutoencoderTiny
+    (float32, fused attention; counted on the meta device like the UNet's)."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from ..layout import VAE
+
+    with torch.device("meta"):
+        vae = (AutoencoderTiny() if tiny else AutoencoderKL(**VAE[arch])).train()
+    side = pixels // 8
+    z = torch.randn(batch, 4, side, side, device="meta", requires_grad=True)
+    with _fused_attention_saves(), counting_saved(vae) as count:
+        vae.decode(z)
+    return count[0] / 2**30
 
 
 @contextlib.contextmanager
@@ -528,7 +565,76 @@ def predicted_gpu_gb(arch: str, lever: dict) -> dict:
             "predicted_gpu_512_b16_gb": round(static + act, 1)}
 
 
+GPU_SIZES_GB = (24, 48, 80)
+HEADROOM = 0.9                # usable share of a card (CUDA context, allocator fragmentation)
+PREDICTED = [  # (name, lever): the configurations of the GPU table at the teacher's own resolution
+    ("full student, bf16 frozen, checkpointing", dict(student="full", gradient_checkpointing=True,
+                                                       frozen_dtype="bfloat16")),
+    ("LoRA student, bf16 frozen, no checkpointing", dict(student="lora", gradient_checkpointing=False,
+                                                          frozen_dtype="bfloat16")),
+    ("LoRA student, bf16 frozen, checkpointing", dict(student="lora", gradient_checkpointing=True,
+                                                       frozen_dtype="bfloat16")),
+]
+
+
+def card_for(gb: float) -> str:
+    """The smallest of 24/48/80 GB cards that holds `gb` within HEADROOM, or sharding."""
+    for size in GPU_SIZES_GB:
+        if gb <= size * HEADROOM:
+            return f"{size} GB"
+    return "shard over GPUs (FSDP)"
+
+
+def gpu_table(arch: str, pixels: int, batches=(1, 2, 4)) -> list[dict]:
+    """Predicted peak GPU memory per configuration and batch at `pixels`: static bytes + the student forward's
+    saved activations; then with the CLIP loss, whose decode of x0 keeps the decoder's activations too
+    (the teacher's VAE, or the tiny TAESD decoder of distill.clip_decoder: tiny)."""
+    rows = []
+    for name, lever in PREDICTED:
+        static = sum(static_gb(arch, lever).values())
+        for b in batches:
+            act = saved_activation_gb(arch, pixels, b, lever["gradient_checkpointing"])
+            base = static + act
+            row = {"config": name, **lever, "pixels": pixels, "batch": b, "static_gb": round(static, 1),
+                   "activations_gb": round(act, 1), "total_gb": round(base, 1), "card": card_for(base)}
+            for key, tiny in (("clip_vae", False), ("clip_tiny", True)):
+                total = base + decoder_saved_gb(arch, pixels, b, tiny)
+                row[f"{key}_gb"], row[f"{key}_card"] = round(total, 1), card_for(total)
+            rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------- report
+
+
+def stage_lines(e: dict) -> list[str]:
+    """One rehearsal's stage table and measures."""
+    p = e.get("parameters", {})
+    lines = ["Parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p.items()) +
+             f"; teacher folder {e.get('teacher_gb')} GB. Settings: " +
+             ", ".join(f"{k} {v}" for k, v in e.get("settings", {}).items() if k != "extra"), "",
+             "| stage | ok | wall (s) | peak RSS (GB) | note |", "|---|---|---|---|---|"]
+    for name, st in e.get("stages", {}).items():
+        state = "ok" if st["ok"] else "killed" if st.get("note", "").startswith("killed") else "**no**"
+        lines.append(f"| {name} | {state} | {st['wall_s']} | {st['peak_rss_gb']} | "
+                     f"{st.get('note', '')} |")
+    ck, ex, inf = e.get("checkpoint", {}), e.get("export", {}), e.get("infer", {})
+    lines += ["", "| measure | value |", "|---|---|",
+              f"| checkpoint size (GB) | {ck.get('size_gb')} |", f"| checkpoint write + hash (s) | {ck.get('save_s')} |",
+              f"| checkpoint verify + load on resume (s) | {ck.get('resume_s')} |",
+              f"| resumed at step | {ck.get('resumed_at_step')} |",
+              f"| distill wall per step, with checkpoint writes and validation (s) | {round(1 / e['distill']['steps_per_s'], 1) if e.get('distill', {}).get('steps_per_s') else None} |",
+              f"| student pipeline (GB) | {e.get('student_gb')} |",
+              f"| ONNX fp32 / fp16 (GB) | {e.get('onnx_gb', {}).get('fp32')} / {e.get('onnx_gb', {}).get('fp16')} |",
+              f"| external data fp32 / fp16 | {ex.get('external_data_fp32')} / {ex.get('external_data_fp16')} |",
+              f"| export fp32 / fp16 conversion (s) | {ex.get('export_fp32_s')} / {ex.get('convert_fp16_s')} |",
+              f"| ORT session load fp32 / fp16 (s) | {ex.get('session_load_s_fp32')} / {ex.get('session_load_s_fp16')} |",
+              f"| export parity PSNR fp32 / fp16 (dB) | {ex.get('psnr_fp32')} / {ex.get('psnr_fp16')} |",
+              f"| infer vs stock diffusers PSNR fp32 / fp16 (dB) | {e.get('psnr_fp32')} / {e.get('psnr_fp16')} |",
+              f"| infer load / first image fp32 (s) | {inf.get('fp32', {}).get('load_s')} / {inf.get('fp32', {}).get('first_image_s')} |",
+              f"| infer load / first image fp16 (s) | {inf.get('fp16', {}).get('load_s')} / {inf.get('fp16', {}).get('first_image_s')} |",
+              ""]
+    return lines
 
 
 def report(entries: dict, machine: str) -> str:
@@ -553,32 +659,10 @@ def report(entries: dict, machine: str) -> str:
              "checker, and the saved student loads with `StableDiffusionPipeline.from_pretrained(path)` "
              "as written, no dtype given.", ""]
     for arch, e in entries.items():
-        p = e.get("parameters", {})
-        lines += [f"## {arch} ({e.get('scale')})", "",
-                  "Parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p.items()) +
-                  f"; teacher folder {e.get('teacher_gb')} GB. Settings: " +
-                  ", ".join(f"{k} {v}" for k, v in e.get("settings", {}).items() if k != "extra"), "",
-                  "| stage | ok | wall (s) | peak RSS (GB) | note |", "|---|---|---|---|---|"]
-        for name, st in e.get("stages", {}).items():
-            state = "ok" if st["ok"] else "killed" if st.get("note", "").startswith("killed") else "**no**"
-            lines.append(f"| {name} | {state} | {st['wall_s']} | {st['peak_rss_gb']} | "
-                         f"{st.get('note', '')} |")
-        ck, ex, inf = e.get("checkpoint", {}), e.get("export", {}), e.get("infer", {})
-        lines += ["", "| measure | value |", "|---|---|",
-                  f"| checkpoint size (GB) | {ck.get('size_gb')} |", f"| checkpoint write + hash (s) | {ck.get('save_s')} |",
-                  f"| checkpoint verify + load on resume (s) | {ck.get('resume_s')} |",
-                  f"| resumed at step | {ck.get('resumed_at_step')} |",
-                  f"| distill wall per step, with checkpoint writes and validation (s) | {round(1 / e['distill']['steps_per_s'], 1) if e.get('distill', {}).get('steps_per_s') else None} |",
-                  f"| student pipeline (GB) | {e.get('student_gb')} |",
-                  f"| ONNX fp32 / fp16 (GB) | {e.get('onnx_gb', {}).get('fp32')} / {e.get('onnx_gb', {}).get('fp16')} |",
-                  f"| external data fp32 / fp16 | {ex.get('external_data_fp32')} / {ex.get('external_data_fp16')} |",
-                  f"| export fp32 / fp16 conversion (s) | {ex.get('export_fp32_s')} / {ex.get('convert_fp16_s')} |",
-                  f"| ORT session load fp32 / fp16 (s) | {ex.get('session_load_s_fp32')} / {ex.get('session_load_s_fp16')} |",
-                  f"| export parity PSNR fp32 / fp16 (dB) | {ex.get('psnr_fp32')} / {ex.get('psnr_fp16')} |",
-                  f"| infer vs stock diffusers PSNR fp32 / fp16 (dB) | {e.get('psnr_fp32')} / {e.get('psnr_fp16')} |",
-                  f"| infer load / first image fp32 (s) | {inf.get('fp32', {}).get('load_s')} / {inf.get('fp32', {}).get('first_image_s')} |",
-                  f"| infer load / first image fp16 (s) | {inf.get('fp16', {}).get('load_s')} / {inf.get('fp16', {}).get('first_image_s')} |",
-                  ""]
+        lines += [f"## {arch} ({e.get('scale')})", ""]
+        lines += stage_lines(e) if e.get("stages") else [
+            "The rehearsal of the stages has not been run for this layout; the GPU prediction below is "
+            "arithmetic and a meta-device count.", ""]
         if e.get("levers"):
             lines += ["### Memory levers (distill, 2 steps, batch 1)", "",
                       "Measured here: a 2-step distill at 128 px, batch 1 (at this size the static memory "
@@ -600,13 +684,29 @@ def report(entries: dict, machine: str) -> str:
                              f"{r.get('step_s_128')} | {pred['static_gb']} | {pred['activations_512_b16_gb']} | "
                              f"{pred['predicted_gpu_512_b16_gb']} |")
             lines.append("")
+        if e.get("gpu"):
+            lines += [f"### Predicted GPU memory at {e['gpu'][0]['pixels']} px", "",
+                      "Static bytes by arithmetic (the base UNet in float32; weights + gradients + Adam's two moments, "
+                      "16 B per trainable weight; the text encoders and VAE at their dtype) plus the activations one "
+                      "student forward saves for its backward, counted on the meta device (float32, fused attention). "
+                      "The CLIP loss (distill.clip_model) also decodes the student's x0 with gradients, which keeps "
+                      "the decoder's activations: the teacher's VAE (distill.clip_decoder: vae) or the tiny TAESD "
+                      "decoder (clip_decoder: tiny). Card: the smallest of 24/48/80 GB that holds the total within "
+                      f"{int(HEADROOM * 100)}% of its memory. A prediction, not a GPU measurement.", "",
+                      "| configuration | batch | static (GB) | activations (GB) | total (GB) | card | "
+                      "+ CLIP loss through the VAE (GB) | card | + CLIP loss through TAESD (GB) | card |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['config']} | {r['batch']} | {r['static_gb']} | {r['activations_gb']} | {r['total_gb']} | "
+                      f"{r['card']} | {r['clip_vae_gb']} | {r['clip_vae_card']} | {r['clip_tiny_gb']} | "
+                      f"{r['clip_tiny_card']} |" for r in e["gpu"]]
+            lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.bench.fullsize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=["sd21-base"], choices=["sd15", "sd21-base", "sd21"])
+    parser.add_argument("--arch", nargs="+", default=["sd21-base"], choices=["sd15", "sd21-base", "sd21", "sdxl"])
     parser.add_argument("--scale", choices=("full", "tiny"), default="full")
     parser.add_argument("--work", type=Path, default=Path("fullsize_work"), help="scratch folder (tens of GB at full size)")
     parser.add_argument("--out", type=Path, default=Path("reports/fullsize"))
@@ -619,6 +719,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-levers", metavar="TEXT", help="measure only the levers whose name contains TEXT "
                                                               "(rows replace those of the same name)")
     parser.add_argument("--report-only", action="store_true", help="rewrite README.md from metrics.json")
+    parser.add_argument("--predict", type=int, metavar="PX",
+                        help="only the predicted GPU memory table at PX pixels (batch 1, 2, 4), for each --arch")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted rehearsal (kept with --keep): skip the stages it finished")
@@ -628,7 +730,11 @@ def main(argv: list[str] | None = None) -> None:
     metrics_path = args.out / "metrics.json"
     entries = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     key = lambda arch: arch if args.scale == "full" else f"{arch}-tiny"  # noqa: E731
-    if args.report_only:
+    if args.predict:
+        for arch in args.arch:
+            entries.setdefault(key(arch), {"arch": arch, "scale": args.scale})["gpu"] = gpu_table(arch, args.predict)
+        write_json(metrics_path, entries)
+    if args.report_only or args.predict:
         with atomic_file(args.out / "README.md") as f:
             f.write(report(entries, machine()))
         return
@@ -638,7 +744,8 @@ def main(argv: list[str] | None = None) -> None:
         entry = entries.get(key(arch), {}) if args.skip_stages else {}
         if not args.skip_stages:
             previous = entries.get(key(arch)) if args.resume and work.is_dir() else None
-            entry = rehearse(arch, args.scale, work, Settings(resolution=args.resolution), args.limit_gb, previous)
+            settings = Settings(resolution=args.resolution, student="lora" if arch == "sdxl" else "full")
+            entry = rehearse(arch, args.scale, work, settings, args.limit_gb, previous)
         if args.levers:
             rows = lever_table(arch, args.scale, work, args.limit_gb, tuple(args.lever_resolutions), args.only_levers)
             fresh = {r["lever"] for r in rows}
