@@ -40,6 +40,7 @@ from .core.errors import UserError, run_cli
 from .core.fileio import atomic_dir, write_json
 from .core.launch import launched_world, spawn
 from .core.prompts import derive_seed, read_prepared
+from .core.sharding import full, load_sharded, move_files, save_sharded, shard_by_size
 from .method.adapters import SCORE, STUDENT, adapter_params, adapter_state, adapters, merge_adapter
 from .method.conditioning import Conditioning, encode, encode_empty, family_of
 from .method.onestep import decode, initial_latents, one_step_images, one_step_scheduler, student_timestep, student_x0
@@ -226,8 +227,13 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
         student_params = list(student.parameters())
     for p in lora_params + student_params:
         p.requires_grad_(True)
-    student.to(memory_format=torch.channels_last)    # 4-D weights NHWC: the step is 1.06x faster on this
-    teacher.to(memory_format=torch.channels_last)    # CPU (oneDNN; reports/distill/sweep.md); same mathematics
+    if cfg.sharding == "fsdp":      # each process keeps 1/N of both UNets; their parameters become DTensors
+        for unet in (student, teacher):
+            shard_by_size(unet, cfg.fsdp_min_params)
+        student_params, lora_params = list(student.parameters()), adapter_params(teacher, SCORE)
+    else:                           # FSDP shards contiguous weights only
+        student.to(memory_format=torch.channels_last)    # 4-D weights NHWC: the step is 1.06x faster on this
+        teacher.to(memory_format=torch.channels_last)    # CPU (oneDNN; reports/distill/sweep.md); same mathematics
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         teacher.enable_gradient_checkpointing()
@@ -273,7 +279,13 @@ def resume(run: Run, cfg: DistillConfig, paths: Paths) -> None:
         if acc.is_main_process:
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
         found = None
-    if found:
+    if found and cfg.sharding == "fsdp":
+        folder, state = found
+        load_sharded_run(run, folder, state)
+        run.start, run.live_step, run.resumed = state["step"], state["live_step"], True
+        acc.print(f"resuming from {folder} (step {run.start}; sharded; verified and loaded in "
+                  f"{time.perf_counter() - t_resume:.1f} s)")
+    elif found:
         folder, state = found
         saved = torch.load(folder / "student.pt", map_location="cpu", weights_only=True)
         if cfg.student == "full":
@@ -289,10 +301,10 @@ def resume(run: Run, cfg: DistillConfig, paths: Paths) -> None:
         run.start, run.live_step, run.resumed = state["step"], state["live_step"], True
         acc.print(f"resuming from {folder} (step {run.start}; verified and loaded in "
                   f"{time.perf_counter() - t_resume:.1f} s)")
-    if cfg.student == "full":
+    if cfg.student == "full" and cfg.sharding == "none":
         run.student, run.opt_student, run.teacher, run.opt_lora = acc.prepare(
             run.student, run.opt_student, run.teacher, run.opt_lora)
-    else:                               # one process (checked in setup): nothing to wrap
+    else:                               # one process (checked in setup), or sharded already: no DDP wrapper
         run.opt_student, run.opt_lora = acc.prepare(run.opt_student, run.opt_lora)
     if run.ema is not None:
         run.ema.to(acc.device)
@@ -359,7 +371,7 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
     with phase("student backward"), run.as_student(student):  # checkpointed blocks recompute under their adapter
         acc.backward(loss_student)
     with phase("student clip + Adam"):
-        gnorm_s = acc.clip_grad_norm_(run.student_params, cfg.grad_clip)
+        gnorm_s = full(acc.clip_grad_norm_(run.student_params, cfg.grad_clip))
         ok_s = _finite(loss_student, gnorm_s)
         _step_or_skip(run.opt_student, ok_s)
 
@@ -371,7 +383,7 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
         with phase("LoRA teacher backward"), adapters(teacher, enabled=True, name=SCORE):
             acc.backward(loss_lora)
         with phase("LoRA teacher clip + Adam"):
-            gnorm_l = acc.clip_grad_norm_(run.lora_params, cfg.grad_clip)
+            gnorm_l = full(acc.clip_grad_norm_(run.lora_params, cfg.grad_clip))
             ok = _finite(loss_lora, gnorm_l)
             _step_or_skip(run.opt_lora, ok)
         ok_l = ok_l and ok
@@ -400,6 +412,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     resume(run, cfg, paths)
     acc, prompts = run.acc, run.prompts
     rank, world, main_process = acc.process_index, acc.num_processes, acc.is_main_process
+    sharded = cfg.sharding == "fsdp"
     t_start, steps_run = time.perf_counter(), cfg.steps - run.start
     live = _open_live(paths.reports, resume=run.resumed, step=run.live_step) if main_process else None
     nonfinite = {"student": 0, "lora": 0}
@@ -427,17 +440,23 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
             for k, v in row.items():
                 live.log_metric(f"train/{k}", v)
             bar.set_postfix(vsd=f"{row['loss_vsd']:.2e}", lora=f"{row['loss_lora']:.3f}", refresh=False)
-        if main_process and run.val_records and (done % cfg.val_every == 0 or done == cfg.steps):
-            with shipped_weights(run.student_params, run.ema), run.as_student(run.student):
-                val = validate(run.pipe, acc.unwrap_model(run.student), run.val_records, run.abar, run.t_student)
-            history.append({"step": done, **val})
-            for k, v in val.items():
-                live.log_metric(f"val/{k}", v)
+        if (main_process or sharded) and run.val_records and (done % cfg.val_every == 0 or done == cfg.steps):
+            with shipped_weights(run.student_params, run.ema), run.as_student(run.student):   # sharded: every
+                val = validate(run.pipe, acc.unwrap_model(run.student), run.val_records, run.abar,  # rank runs it
+                               run.t_student)
+            if main_process:
+                history.append({"step": done, **val})
+                for k, v in val.items():
+                    live.log_metric(f"val/{k}", v)
         if main_process and (done % cfg.log_every == 0 or done == cfg.steps):
             live.next_step()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             acc.wait_for_everyone()
-            if main_process:
+            if sharded:                                   # every rank writes its shards
+                line = checkpoint_sharded(run, cfg, paths, done, live.step if main_process else 0)
+                if main_process:
+                    bar.write(line)
+            elif main_process:
                 bar.write(checkpoint_run(run, cfg, paths, done, live.step))
 
     acc.wait_for_everyone()
@@ -447,8 +466,9 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
                     "wall_s": round(wall, 1), "steps_per_s": round(steps_run / wall, 3) if wall else None,
                     "samples_per_s": round(steps_run * cfg.batch_size * world / wall, 2) if wall else None,
                     "peak_memory_mb": _peak_memory_mb(acc.device), "processes": world}
+    final = gathered_student(run) if sharded else None      # every rank takes part; the main one gets it
     if main_process:
-        finish(run, cfg, paths, result, history)
+        finish(run, cfg, paths, result, history, final)
         live.end()
     return result
 
@@ -492,12 +512,14 @@ def checkpoint_run(run: Run, cfg: DistillConfig, paths: Paths, done: int, live_s
     return f"checkpoint {folder}: {size / 2**30:.2f} GiB written and hashed in {time.perf_counter() - t_save:.1f} s"
 
 
-def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: list[dict]) -> None:
-    """Save the shipped student (EMA weights; a LoRA student merged into a plain UNet) and the metrics."""
+def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: list[dict],
+           final: torch.nn.Module | None = None) -> None:
+    """Save the shipped student (EMA weights; a LoRA student merged into a plain UNet; `final` when the
+    student was sharded and has been gathered) and the metrics."""
     acc = run.acc
-    if cfg.student == "full":
+    if final is None and cfg.student == "full":
         final = shipped(acc.unwrap_model(run.student), run.ema).eval()      # a copy holding the EMA weights
-    else:
+    elif final is None:
         with shipped_weights(run.student_params, run.ema):   # merged tensors are new: they keep the EMA weights
             final = merge_adapter(run.teacher, STUDENT).eval()
     if run.val_records:
@@ -512,6 +534,83 @@ def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: li
     save_student(paths.student, pipe, final, run.t_student)
     write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
                | {"val_curve": history})
+
+
+def sharded_state(run: Run) -> dict:
+    """What a sharded checkpoint holds, as DCP state dicts of this process's shards: the student, the LoRA
+    teacher's adapter, both optimisers and the EMA's shadow weights."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    lora = {k: v for k, v in get_model_state_dict(run.teacher).items() if "lora_" in k and f".{SCORE}." in k}
+    state = {"student": get_model_state_dict(run.student), "lora": lora,
+             "opt_student": get_optimizer_state_dict(run.student, _bare(run.opt_student)),
+             "opt_lora": get_optimizer_state_dict(run.teacher, _bare(run.opt_lora))}
+    if run.ema is not None:
+        state["ema"] = {f"{i:06d}": t for i, t in enumerate(run.ema.shadow_params)}
+    return state
+
+
+def _bare(optimizer):
+    """The torch optimiser inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def checkpoint_sharded(run: Run, cfg: DistillConfig, paths: Paths, done: int, live_step: int) -> str:
+    """Every rank writes its shards into a staging folder; the main one moves them into a checkpoint folder
+    with the manifest (written and verified as any checkpoint). Returns the main rank's line."""
+    acc, t_save = run.acc, time.perf_counter()
+    staging = paths.checkpoints / f".step-{done:06d}.shards.tmp"     # a killed run's leftover is removed
+    if acc.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    acc.wait_for_everyone()
+    save_sharded(sharded_state(run), staging)
+    acc.wait_for_everyone()
+    line = ""
+    if acc.is_main_process:
+        state = {"fingerprint": run.fingerprint, "live_step": live_step, "processes": acc.num_processes}
+        if run.ema is not None:
+            state["ema"] = {k: v for k, v in run.ema.state_dict().items() if k != "shadow_params"}
+        folder = checkpoint.save(paths.checkpoints, done, state, lambda tmp: move_files(staging, tmp),
+                                 cfg.keep_checkpoints)
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        line = (f"checkpoint {folder}: {size / 2**30:.2f} GiB in {acc.num_processes} shards, written and hashed in "
+                f"{time.perf_counter() - t_save:.1f} s")
+    acc.wait_for_everyone()
+    return line
+
+
+def load_sharded_run(run: Run, folder: Path, state: dict) -> None:
+    """Load a sharded checkpoint into this process's shards (written by as many processes)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    if state.get("processes") != run.acc.num_processes:
+        raise UserError(f"{folder} was written by {state.get('processes')} sharded processes; this run has "
+                        f"{run.acc.num_processes} (set distill.processes={state.get('processes')} to resume it)")
+    shards = sharded_state(run)
+    load_sharded(shards, folder)
+    set_model_state_dict(run.student, shards["student"])
+    set_model_state_dict(run.teacher, shards["lora"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(run.student, _bare(run.opt_student), shards["opt_student"])
+    set_optimizer_state_dict(run.teacher, _bare(run.opt_lora), shards["opt_lora"])
+    if run.ema is not None:
+        run.ema.load_state_dict({**state["ema"], "shadow_params": list(shards["ema"].values())})
+
+
+def gathered_student(run: Run) -> torch.nn.Module | None:
+    """The shipped weights (EMA when enabled) of a sharded student, whole, as a plain UNet on the main process
+    (None elsewhere). Every process must call it: the shards are gathered."""
+    from diffusers import UNet2DConditionModel
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    with shipped_weights(run.student_params, run.ema):
+        whole = get_model_state_dict(run.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.acc.is_main_process:
+        return None
+    model = UNet2DConditionModel.from_config(run.student.config)
+    model.load_state_dict(whole)
+    return model.eval()
 
 
 def adam_options(impl: str) -> dict:
@@ -571,8 +670,9 @@ def shipped(student, ema):
 
 def check_ranks_in_sync(acc, model) -> float:
     """A checksum of the student's weights, compared across processes (DDP must keep them equal)."""
-    with torch.no_grad():
-        digest = torch.stack([p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())]).sum()
+    with torch.no_grad():       # a sharded weight is gathered whole (every rank, one weight at a time)
+        digest = torch.stack([full(p.detach()).double().sum() * (i + 1)
+                              for i, p in enumerate(model.parameters())]).sum()
     # One write per line, so that the ranks' lines do not interleave mid-line.
     print(f"rank {acc.process_index}: student digest {digest.item():.17g}\n", end="", flush=True)
     if acc.num_processes > 1:

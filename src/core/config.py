@@ -109,6 +109,12 @@ class DistillConfig(Section):
     processes: int = Field(1, ge=1, le=1024, description="processes that train together (DDP; paper: 8 GPUs); the "
                            "global batch is processes x batch_size. `python -m src.distill` starts them: one per GPU, "
                            "or on a CPU-only machine sharing its cores (gloo on loopback)")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="none: every process holds the whole student (DDP); fsdp: the student and the LoRA "
+                            "teacher's UNet are fully sharded over the processes (PyTorch FSDP2), each holding 1/N of "
+                            "their weights, gradients and Adam state: a full SDXL student (41 GB with Adam) over GPUs")
+    fsdp_min_params: int = Field(100_000_000, ge=1, description="fsdp: size-based wrap, a submodule with at least "
+                                                                 "this many weights is its own shard unit")
     lora_lr: float = Field(1e-3, gt=0.0, le=1.0, description="LoRA-teacher Adam lr (paper: 1e-3)")
     lora_rank: int = Field(64, ge=1, le=1024, description="LoRA rank (paper: 64)")
     lora_alpha: float = Field(108.0, gt=0.0, description="LoRA alpha (paper: 108)")
@@ -158,6 +164,9 @@ class DistillConfig(Section):
     def _check_range(self) -> "DistillConfig":
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        if self.sharding == "fsdp" and (self.processes < 2 or self.student != "full"):
+            raise ValueError(f"sharding: fsdp shards a full student over processes: it needs student: full (is "
+                             f"{self.student}) and processes >= 2 (is {self.processes})")
         return self
 
 
