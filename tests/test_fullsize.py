@@ -89,7 +89,7 @@ def test_sdxl_static_memory_counts_both_text_encoders():
 def test_gpu_cards_and_the_decoders_cost():
     from src.bench.fullsize import card_for, decoder_saved_gb
 
-    assert [card_for(g) for g in (20, 30, 60, 80)] == ["24 GB", "48 GB", "80 GB", "shard over GPUs (FSDP)"]
+    assert [card_for(g) for g in (20, 30, 60, 80)] == ["24 GB", "48 GB", "80 GB", "over 80 GB"]
     vae, tiny = decoder_saved_gb("sdxl", 256, 1), decoder_saved_gb("sdxl", 256, 1, tiny=True)
     assert 0 < tiny < vae / 4
     assert decoder_saved_gb("sdxl", 256, 2) == pytest.approx(2 * vae)

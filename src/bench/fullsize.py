@@ -574,15 +574,20 @@ PREDICTED = [  # (name, lever): the configurations of the GPU table at the teach
                                                           frozen_dtype="bfloat16")),
     ("LoRA student, bf16 frozen, checkpointing", dict(student="lora", gradient_checkpointing=True,
                                                        frozen_dtype="bfloat16")),
+    ("full student, FSDP over 4 GPUs, bf16 frozen, checkpointing", dict(
+        student="full", gradient_checkpointing=True, frozen_dtype="bfloat16", shards=4)),
+    ("full student, FSDP over 8 GPUs, bf16 frozen, checkpointing", dict(
+        student="full", gradient_checkpointing=True, frozen_dtype="bfloat16", shards=8)),
 ]
+SHARDED = ("teacher_unet", "student_weights", "student_grads_adam")   # what distill.sharding: fsdp divides
 
 
 def card_for(gb: float) -> str:
-    """The smallest of 24/48/80 GB cards that holds `gb` within HEADROOM, or sharding."""
+    """The smallest of 24/48/80 GB cards that holds `gb` within HEADROOM."""
     for size in GPU_SIZES_GB:
         if gb <= size * HEADROOM:
             return f"{size} GB"
-    return "shard over GPUs (FSDP)"
+    return "over 80 GB"
 
 
 def gpu_table(arch: str, pixels: int, batches=(1, 2, 4)) -> list[dict]:
@@ -591,7 +596,8 @@ def gpu_table(arch: str, pixels: int, batches=(1, 2, 4)) -> list[dict]:
     (the teacher's VAE, or the tiny TAESD decoder of distill.clip_decoder: tiny)."""
     rows = []
     for name, lever in PREDICTED:
-        static = sum(static_gb(arch, lever).values())
+        shards = lever.get("shards", 1)     # fsdp: each GPU holds 1/N of both UNets, their gradients and Adam
+        static = sum(v / shards if k in SHARDED else v for k, v in static_gb(arch, lever).items())
         for b in batches:
             act = saved_activation_gb(arch, pixels, b, lever["gradient_checkpointing"])
             base = static + act
@@ -688,10 +694,13 @@ def report(entries: dict, machine: str) -> str:
             lines += [f"### Predicted GPU memory at {e['gpu'][0]['pixels']} px", "",
                       "Static bytes by arithmetic (the base UNet in float32; weights + gradients + Adam's two moments, "
                       "16 B per trainable weight; the text encoders and VAE at their dtype) plus the activations one "
-                      "student forward saves for its backward, counted on the meta device (float32, fused attention). "
+                      "student forward saves for its backward, counted on the meta device (float32, fused attention; "
+                      "with checkpointing, the block-boundary tensors and one block's recomputation are not counted). "
                       "The CLIP loss (distill.clip_model) also decodes the student's x0 with gradients, which keeps "
                       "the decoder's activations: the teacher's VAE (distill.clip_decoder: vae) or the tiny TAESD "
-                      "decoder (clip_decoder: tiny). Card: the smallest of 24/48/80 GB that holds the total within "
+                      "decoder (clip_decoder: tiny). FSDP rows (distill.sharding: fsdp): per GPU, the UNets, gradients and "
+                      "Adam state divided by the GPU count; the whole weights of the one shard unit running at a time "
+                      "come on top (at most ~0.4 GB per 100M-weight unit). Card: the smallest of 24/48/80 GB that holds the total within "
                       f"{int(HEADROOM * 100)}% of its memory. A prediction, not a GPU measurement.", "",
                       "| configuration | batch | static (GB) | activations (GB) | total (GB) | card | "
                       "+ CLIP loss through the VAE (GB) | card | + CLIP loss through TAESD (GB) | card |",
