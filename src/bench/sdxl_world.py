@@ -113,6 +113,7 @@ def write_readme(path: Path, record: dict, eval_readme: str) -> None:
         f"[{v['clip_score_paired'][0]:+.4f}, {v['clip_score_paired'][1]:+.4f}] "
         f"({'level or better' if v['clip_score_ok'] else 'worse'}).",
         "",
+        *beside_sd(record),
         "## Evaluation",
         "",
         eval_readme.split("\n", 2)[2].strip().replace("](grid.png)", "](grid.png)"),
@@ -125,7 +126,8 @@ def write_readme(path: Path, record: dict, eval_readme: str) -> None:
         "",
         f"Second text CLIP: retrieval accuracy {build['metrics'].get('text_clip_2_retrieval_accuracy', float('nan')):.3f} "
         f"on held-out scenes, {build['wall_s'].get('text_clip_2', 0):.0f} s; UNet "
-        f"{build['config'].get('unet_steps', '?')} steps in {build['wall_s'].get('unet', 0):.0f} s.",
+        f"{build['config'].get('unet_steps', '?')} steps in {build['wall_s'].get('unet', 0):.0f} s (the SD world "
+        "teacher's UNet: 7000 steps; the build's wall times were taken with other work sharing the two cores).",
         "",
         "## Distillation and export",
         "",
@@ -140,9 +142,29 @@ def write_readme(path: Path, record: dict, eval_readme: str) -> None:
         "|---|---|---|---|",
         *(f"| {name} | {p['psnr']:.1f} | {p['max_abs_err']:.4f} | {p['size_mb']:.2f} |" for name, p in parity.items()),
         "",
+        "The fp16 graph keeps the decoder in float32 whenever the VAE's config says `force_upcast` (SDXL base's VAE "
+        "overflows in float16). The world's small VAE does not overflow: both fp16 graphs keep parity here.",
+        "",
     ]
     with atomic_file(path) as tmp:
         tmp.write("\n".join(lines))
+
+
+def beside_sd(record: dict) -> list[str]:
+    """The SD world's teacher and student (reports/eval/metrics.json, same prompts, seeds and settings) next to
+    the SDXL world's, when that file is there."""
+    sd = record.get("sd_world")
+    if not sd:
+        return []
+    rows = [("SD world", sd), ("SDXL-layout world", record["metrics"])]
+    return ["Beside the SD world (reports/eval: the same 500 prompts, seeds and settings):", "",
+            "| world | teacher 25 steps: FID / CLIP / accuracy | student 1 step: FID / CLIP / accuracy | "
+            "student / teacher accuracy |", "|---|---|---|---|",
+            *(f"| {name} | {m['teacher_25']['fid']:.3f} / {m['teacher_25']['clip_score']:.4f} / "
+              f"{m['teacher_25']['attribute_accuracy']:.3f} | {m['student_1']['fid']:.3f} / "
+              f"{m['student_1']['clip_score']:.4f} / {m['student_1']['attribute_accuracy']:.3f} | "
+              f"{m['student_1']['attribute_accuracy'] / m['teacher_25']['attribute_accuracy']:.3f}x |"
+              for name, m in rows), ""]
 
 
 def parity_rows(metrics: dict, names: dict[str, str]) -> dict:
@@ -167,7 +189,9 @@ def run(work: Path, reports: Path, root: Path = REPO) -> dict:
     export |= parity_rows(export_parity(work, "reports/export_vae16"), {"fp16": "fp16, VAE in float16"})
     distill = json.loads((work / "reports/distill/metrics.json").read_text()) \
         if (work / "reports/distill/metrics.json").is_file() else {}
+    sd_metrics = root / "reports/eval/metrics.json"
     record = {"machine": machine(), "metrics": metrics, "intervals": intervals, "bar": verdicts(metrics, intervals),
+              "sd_world": json.loads(sd_metrics.read_text()) if sd_metrics.is_file() else None,
               "teacher_build": build, "distill": distill, "export": export,
               "stages": {k: r.row() for k, r in runs.items()}}
     reports.mkdir(parents=True, exist_ok=True)
@@ -184,7 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=REPO,
                         help="the folder whose params.yaml, prompts/ and models/ (teacher_sdxl, guide, evaluator, "
                              "tiny_decoder, build.json) are used")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite README.md from metrics.json and the work folder's evaluation")
     args = parser.parse_args(argv)
+    if args.report_only:
+        record = json.loads((args.reports / "metrics.json").read_text())
+        write_readme(args.reports / "README.md", record, (args.work / "reports/eval/README.md").read_text())
+        return
     record = run(args.work, args.reports, args.root)
     print(f"wrote {args.reports}/README.md: student {'meets' if record['bar']['meets_bar'] else 'misses'} the bar "
           f"(accuracy {record['bar']['accuracy_ratio']:.3f}x the teacher's)")
