@@ -14,6 +14,13 @@ Writes, each atomically:
                      for distill.clip_decoder / export.decoder: tiny;
   models/build.json  the build record: command, seeds, steps, wall times, measured numbers.
 
+    python -m src.world.build --only-sdxl-teacher     # models/teacher_sdxl next to an existing build
+
+  models/teacher_sdxl/  an SDXL-layout teacher (StableDiffusionXLPipeline): the SD teacher's text encoder and
+                     VAE, a second CLIP's text tower with its projection as text_encoder_2 (pooled embedding),
+                     a UNet with SDXL's "text_time" added conditioning. `--set layout=sdxl` makes the whole
+                     build's teacher this layout instead (what the micro-scale tests do).
+
 Order and why: (1) a CLIP trained contrastively on scenes gives the teacher a pretrained,
 frozen text tower (as SD's text encoder is a pretrained CLIP); (2) a second CLIP with another
 seed and shape is the evaluator, kept apart so evaluation stays independent of the teacher;
