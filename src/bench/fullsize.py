@@ -230,6 +230,9 @@ def py(*argv: str) -> list[str]:
     return ["-m", *argv]
 
 
+PROGRESS = "progress.json"      # in the work folder: the rehearsal's entry so far
+
+
 class Rehearsal:
     """One teacher's rehearsal in `work`: runs each stage as its own process, records it in `out["stages"]`,
     and skips the stages a kept, interrupted rehearsal (`out` from its entry) already finished."""
@@ -250,6 +253,7 @@ class Rehearsal:
               f"{run.note}", flush=True)
         if not run.ok and not run.note.startswith("killed"):
             self.stages[name]["error"] = run.log[-1500:]
+        write_json(self.work / PROGRESS, self.out)     # what --resume continues from if the rehearsal is stopped
         return run
 
 
@@ -752,7 +756,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{arch} ({args.scale}) in {work}", flush=True)
         entry = entries.get(key(arch), {}) if args.skip_stages else {}
         if not args.skip_stages:
-            previous = entries.get(key(arch)) if args.resume and work.is_dir() else None
+            progress = work / PROGRESS
+            previous = None
+            if args.resume and work.is_dir():     # the entry written after each stage, else the last report's
+                previous = json.loads(progress.read_text()) if progress.is_file() else entries.get(key(arch))
             settings = Settings(resolution=args.resolution, student="lora" if arch == "sdxl" else "full")
             entry = rehearse(arch, args.scale, work, settings, args.limit_gb, previous)
         if args.levers:
