@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(report(entries, machine()))
         return
     for arch in args.arch:
-        work = args.work / arch
+        work = (args.work / arch).resolve()      # the stages run inside it: its paths must not be relative
         print(f"{arch} ({args.scale}) in {work}", flush=True)
         entry = entries.get(key(arch), {}) if args.skip_stages else {}
         if not args.skip_stages:
