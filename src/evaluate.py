@@ -19,6 +19,7 @@ reports/eval/grid.png.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -146,42 +147,79 @@ def image_batches(folder: Path, records: list[dict], batch_size: int):
         yield list(load_folder(folder, chunk)), [r["prompt"] for r in chunk]
 
 
+class OnePipeline:
+    """Loads pipelines by name and holds one at a time: asking for another frees the first. An SDXL teacher
+    and its student are ~14 GB each in float32; held together they pass a 24 GB machine."""
+
+    def __init__(self, loaders: dict[str, Callable[[], object]]):
+        self.loaders, self.name, self.pipe = loaders, None, None
+
+    def __call__(self, name: str):
+        if name != self.name:
+            self.pipe = self.name = None
+            gc.collect()
+            self.pipe, self.name = self.loaders[name](), name
+        return self.pipe
+
+
 def make_generators(cfg: EvaluateConfig, teacher_dir: str, student_dir: Path, batch_size: int,
                     device: torch.device = torch.device("cpu"), tiny_decoder: Path | None = None,
                     student_name: str = "student") -> dict[str, Generator]:
     """The generators of the comparison, on the same prompts and seeds: the teacher in 1 and N steps, the
-    student, and (with a tiny decoder) the student decoded by it, as `export.decoder: tiny` ships it."""
+    student, and (with a tiny decoder) the student decoded by it, as `export.decoder: tiny` ships it. Each
+    loads its pipeline when it first draws (a generator whose images are all reused loads nothing), one
+    pipeline in memory at a time."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
     from .method.onestep import one_step_images
-    from .method.teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
+    from .method.teacher import (alphas_cumprod, check_pipeline_folder, load_pipeline, local_folder,
+                                 with_tiny_decoder)
 
     if not (student_dir / "model_index.json").is_file():
         raise UserError(f"{student_dir}: no student pipeline (run `dvc repro distill` first)")
-    teacher = load_pipeline(teacher_dir).to(device)
-    student = load_pipeline(str(student_dir)).to(device)
-    abar = alphas_cumprod(teacher)
+    teacher_path = local_folder(teacher_dir)
+    check_pipeline_folder(teacher_path)                 # the folder is checked before anything is drawn
+    abar = alphas_cumprod(SimpleNamespace(scheduler=DDPMScheduler.from_pretrained(teacher_path, subfolder="scheduler")))
+
+    def config(folder: Path, part: str) -> dict:
+        return json.loads((folder / part / "config.json").read_text())
+
+    def load_student():
+        return load_pipeline(str(student_dir)).to(device)
+
+    pipes = OnePipeline({"teacher": lambda: load_pipeline(teacher_dir).to(device), "student": load_student,
+                         "student_tiny": lambda: with_tiny_decoder(load_student(), tiny_decoder, "tiny_decoder")})
 
     # Every generator draws at the student's size (distill.resolution; the teacher's own unless set).
-    side = student.unet.config.sample_size
-    shape = (teacher.unet.config.in_channels, side, side)
-    pixels = side * teacher.vae_scale_factor
+    side = config(student_dir, "unet")["sample_size"]
+    shape = (config(teacher_path, "unet")["in_channels"], side, side)
+    pixels = side * 2 ** (len(config(teacher_path, "vae")["block_out_channels"]) - 1)
 
     def teacher_gen(steps: int) -> Generator:
         # The same seed -> noise convention as the student (src/method/noise.py): the teacher and the
         # student start every prompt from the same latent (the pipeline scales it by init_noise_sigma).
         def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
-            out = teacher(prompts, num_inference_steps=steps, guidance_scale=cfg.guidance_scale, output_type="np",
-                          height=pixels, width=pixels, latents=torch.from_numpy(initial_noise(seeds, shape))).images
+            out = pipes("teacher")(prompts, num_inference_steps=steps, guidance_scale=cfg.guidance_scale,
+                                   output_type="np", height=pixels, width=pixels,
+                                   latents=torch.from_numpy(initial_noise(seeds, shape))).images
             return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+        return run
+
+    def student_gen(name: str) -> Generator:
+        def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
+            pipe = pipes(name)
+            return one_step_images(pipe, pipe.unet, prompts, seeds, abar, batch_size, device)
         return run
 
     gens = {
         "teacher_1": teacher_gen(1),
         f"teacher_{cfg.teacher_steps}": teacher_gen(cfg.teacher_steps),
-        f"{student_name}_1": lambda p, s: one_step_images(student, student.unet, p, s, abar, batch_size, device),
+        f"{student_name}_1": student_gen("student"),
     }
     if tiny_decoder is not None:
-        tiny = with_tiny_decoder(student, tiny_decoder, "tiny_decoder")     # the same modules, another decoder
-        gens[f"{student_name}_1_tiny"] = lambda p, s: one_step_images(tiny, tiny.unet, p, s, abar, batch_size, device)
+        gens[f"{student_name}_1_tiny"] = student_gen("student_tiny")   # the same modules, another decoder
     return gens
 
 
