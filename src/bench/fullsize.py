@@ -669,7 +669,7 @@ def report(entries: dict, machine: str) -> str:
              "checker, and the saved student loads with `StableDiffusionPipeline.from_pretrained(path)` "
              "as written, no dtype given.", ""]
     for arch, e in entries.items():
-        lines += [f"## {arch} ({e.get('scale')})", ""]
+        lines += [f"## {arch} ({e.get('scale')})", ""] + ([e["note"], ""] if e.get("note") else [])
         lines += stage_lines(e) if e.get("stages") else [
             "The rehearsal of the stages has not been run for this layout; the GPU prediction below is "
             "arithmetic and a meta-device count.", ""]
@@ -738,7 +738,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted rehearsal (kept with --keep): skip the stages it finished")
     args = parser.parse_args(argv)
-    if args.scale == "full" and shutil.disk_usage(args.work.parent.resolve()).free < 40 * 2**30:
+    if args.scale == "full" and not args.resume and shutil.disk_usage(args.work.parent.resolve()).free < 40 * 2**30:
         raise UserError(f"--work {args.work}: a full-size rehearsal needs ~40 GB free on that disk")
     metrics_path = args.out / "metrics.json"
     entries = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
