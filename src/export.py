@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -208,7 +209,13 @@ def parity(files: dict[str, Path], feeds: dict[str, np.ndarray], ref: np.ndarray
         out[f"psnr_{name}"] = round(psnr(got, ref), 3)
         out[f"max_abs_err_{name}"] = float(np.abs(got - ref).max())
         del session                   # one multi-GB session at a time
+        say(f"{name} parity {out[f'psnr_{name}']:.1f} dB", t0)
     return out
+
+
+def say(what: str, since: float) -> None:
+    """One progress line of this long stage (an SDXL-size export takes many minutes on a CPU)."""
+    print(f"export: {what} ({time.perf_counter() - since:.0f} s)", file=sys.stderr, flush=True)
 
 
 def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
@@ -225,14 +232,16 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
     records = read_prepared(paths.eval_prompts, cfg.parity_prompts) if paths.eval_prompts.is_file() else []
     prompts = [r["prompt"] for r in records] or ["a photo of a cat"]
     seeds = [int(r["seed"]) for r in records] or [0]
-    feeds, ref = reference(pipe, prompts, seeds)
-    keep_vae_fp32 = vae_needs_float32(pipe)
     t0 = time.perf_counter()
+    feeds, ref = reference(pipe, prompts, seeds)
+    say(f"PyTorch reference images for {len(prompts)} parity prompts drawn", t0)
+    keep_vae_fp32 = vae_needs_float32(pipe)
     with atomic_dir(paths.out) as tmp:
         files = {"fp32": tmp / "fp32" / "model.onnx", "fp16": tmp / "fp16" / "model.onnx"}
         for f in files.values():
             f.parent.mkdir(parents=True)
         export_fp32(pipe, files["fp32"], cfg.opset, cfg.exporter)
+        say(f"fp32 graph written ({cfg.exporter} exporter)", t0)
         pipe.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         if getattr(pipe, "tokenizer_2", None) is not None:
             pipe.tokenizer_2.backend_tokenizer.save(str(tmp / "tokenizer_2.json"))
@@ -242,11 +251,14 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
         gc.collect()
         t_fuse = time.perf_counter()
         fused = fuse_ort(files["fp32"]) if cfg.fuse == "ort" else {}
+        if cfg.fuse == "ort":
+            say("ONNX Runtime attention fusions applied", t0)
         t_fp16 = time.perf_counter()
         if cfg.fuse == "cuda":
             fused = fuse_cuda(files["fp32"], files["fp16"])
         else:
             export_fp16(files["fp32"], files["fp16"], keep_vae_fp32)
+        say("fp16 graph written", t0)
         timings = {"export_fp32_s": round(t_fuse - t0, 1), "fuse_s": round(t_fp16 - t_fuse, 1),
                    "convert_fp16_s": round(time.perf_counter() - t_fp16, 1)}
         metrics = parity(files, feeds, ref, {"fp16": cfg.fuse} if cfg.fuse == "cuda" else None) | timings

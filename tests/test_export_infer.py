@@ -251,6 +251,54 @@ def test_per_weight_files_are_consolidated_and_converted_to_fp16(tmp_path):
     assert got16.dtype == np.float32 and np.abs(got16 - want).max() < 0.05 * np.abs(want).max()
 
 
+def test_large_graphs_convert_to_fp16_a_weight_at_a_time_into_mappable_offsets(tmp_path):
+    """A graph with external weights converts without loading them: each weight the fp16 graph runs in
+    half precision holds exactly the float16 rounding of the float32 weight, a weight kept float32 (the
+    decoder with keep_vae_fp32) is copied bit for bit, and weights of 1 MiB or more start on 64 KiB
+    boundaries (where ONNX Runtime can map them) in both graphs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from src.artifact.graph import consolidate, export_fp16
+
+    rng = np.random.default_rng(1)
+    small = rng.standard_normal((64, 512)).astype(np.float32)           # 128 KiB: not aligned
+    big = rng.standard_normal((512, 512)).astype(np.float32)            # 1 MiB: aligned
+    dec = rng.standard_normal((512, 8)).astype(np.float32)              # the decoder's: stays float32
+    nodes = [helper.make_node("MatMul", ["x", "small"], ["h"], name="/unet/mm1"),
+             helper.make_node("MatMul", ["h", "big"], ["h2"], name="/unet/mm2"),
+             helper.make_node("MatMul", ["h2", "dec"], ["y"], name="/vae/decoder/mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+                              initializer=[numpy_helper.from_array(w, n)
+                                           for w, n in ((small, "small"), (big, "big"), (dec, "dec"))])
+    raw = tmp_path / "raw" / "raw.onnx"
+    raw.parent.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                    str(raw), save_as_external_data=True, all_tensors_to_one_file=False)
+    fp32, fp16 = tmp_path / "fp32" / "model.onnx", tmp_path / "fp16" / "model.onnx"
+    fp32.parent.mkdir()
+    fp16.parent.mkdir()
+    consolidate(raw, fp32)
+    export_fp16(fp32, fp16, keep_vae_fp32=True)
+
+    for path in (fp32, fp16):
+        light = onnx.load(str(path), load_external_data=False)
+        offsets = {t.name: int({e.key: e.value for e in t.external_data}["offset"]) for t in light.graph.initializer}
+        assert offsets["big"] % 65536 == 0
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(fp16)).graph.initializer}
+    assert weights["small"].dtype == weights["big"].dtype == np.float16
+    np.testing.assert_array_equal(weights["small"], small.astype(np.float16))
+    np.testing.assert_array_equal(weights["big"], big.astype(np.float16))
+    assert weights["dec"].dtype == np.float32
+    np.testing.assert_array_equal(weights["dec"], dec)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    want = x @ small @ big @ dec
+    got = ort.InferenceSession(str(fp16)).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
+
+
 def _damage(folder: Path, what: str) -> str:
     """Damage a copy of an artifact as a failed copy or a careless edit would; return the file to be named."""
     if what == "truncated model.onnx":

@@ -10,7 +10,7 @@ from src.bench.fullsize import Settings, lora_student_params, rehearse, report, 
 @pytest.mark.timeout(900)
 def test_rehearsal_runs_every_stage_on_a_tiny_sd21_layout(tmp_path):
     """SD 2.1's layout (DDIM, v-prediction, upcast attention, the real tokenizer) through layout ->
-    prepare -> distill (killed after its checkpoint, resumed) -> stock diffusers -> export -> infer, as
+    prepare -> distill (killed after its checkpoint, resumed) -> stock diffusers -> export -> infer -> serve, as
     `python -m src.bench.fullsize --scale tiny` runs it. COCO evaluate is left out here (its three 2048-d
     FID square roots cost ~45 s): tests/test_evaluate_coco.py runs it end to end, in one process and two. The
     legacy TorchScript exporter keeps it ~30 s shorter; the default dynamo exporter is exercised by the export
@@ -25,6 +25,7 @@ def test_rehearsal_runs_every_stage_on_a_tiny_sd21_layout(tmp_path):
     assert entry["export"]["psnr_fp32"] >= 40 and entry["export"]["psnr_fp16"] >= 30
     assert entry["psnr_fp32"] >= 40                         # infer (ONNX) vs stock diffusers, uint8 images
     assert "evaluate" not in stages
+    assert stages["serve"]["ok"] and entry["serve"]["same_image_as_infer"] is True, entry.get("serve")
     text = report({"sd21-tiny": entry}, "test machine")
     assert "| distill_resume | ok |" in text
 

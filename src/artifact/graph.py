@@ -34,7 +34,8 @@ SCOPES = "pkg.torch.onnx.name_scopes"        # the dynamo exporter's per-node mo
 
 def consolidate(raw: Path, path: Path) -> None:
     """`raw` (as the exporter wrote it) -> `path`. Past 2 GB the exporter leaves one file per weight;
-    they are streamed into one `<name>.data` a tensor at a time (never the whole model in memory)."""
+    they are streamed into one `<name>.data` a tensor at a time (never the whole model in memory),
+    each large weight at an offset ONNX Runtime can memory-map (WeightFile)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -44,45 +45,123 @@ def consolidate(raw: Path, path: Path) -> None:
         save_graph(strip_debug_info(onnx.load(str(raw))), path)
         return
     strip_debug_info(model)
-    with (path.parent / (path.name + ".data")).open("wb") as out:
+    with WeightFile(path) as out:
         for t in external:
-            info = {e.key: e.value for e in t.external_data}
-            with (raw.parent / info["location"]).open("rb") as f:
-                f.seek(int(info.get("offset", 0)))
-                data = f.read(int(info["length"])) if "length" in info else f.read()
-            offset = out.tell()
-            out.write(data)
-            del t.external_data[:]
-            for key, value in (("location", path.name + ".data"), ("offset", offset), ("length", len(data))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, str(value)
+            out.add(t, read_external(t, raw.parent))
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
 
 
+def read_external(tensor, folder: Path) -> bytes:
+    """The bytes of one externally stored weight (its location is relative to the graph's folder)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    with (folder / info["location"]).open("rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"])) if "length" in info else f.read()
+
+
+class WeightFile:
+    """`<graph>.data`, written a weight at a time. Weights of 1 MiB or more start on a 64 KiB boundary:
+    ONNX Runtime then memory-maps them from the file instead of copying them into its heap (the boundary
+    its loader needs on every platform; ONNX's external-data format recommends page-aligned offsets)."""
+
+    ALIGN, ALIGN_FROM = 64 * 1024, 1024 * 1024
+
+    def __init__(self, graph: Path):
+        self.name = graph.name + ".data"
+        self.path = graph.parent / self.name
+
+    def __enter__(self) -> "WeightFile":
+        self.f = self.path.open("wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def add(self, tensor, data: bytes) -> None:
+        """Append `data` and point `tensor`'s external-data record at it."""
+        offset = self.f.tell()
+        if len(data) >= self.ALIGN_FROM and offset % self.ALIGN:
+            offset += self.ALIGN - offset % self.ALIGN
+            self.f.write(b"\0" * (offset - self.f.tell()))
+        self.f.write(data)
+        del tensor.external_data[:]
+        for key, value in (("location", self.name), ("offset", offset), ("length", len(data))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+
+
 def export_fp16(fp32: Path, path: Path, keep_vae_fp32: bool = False) -> None:
     """ORT's float16 conversion with float32 I/O; the timestep embedding and the glue stay float32, and the VAE
-    decoder too with `keep_vae_fp32` (a VAE that overflows in float16: SDXL's `force_upcast`)."""
+    decoder too with `keep_vae_fp32` (a VAE that overflows in float16: SDXL's `force_upcast`).
+
+    The converter works on the graph without its external weights: it only retypes them. They are then
+    converted and written one at a time (stream_weights), so an SDXL-size graph (13.7 GB of float32
+    weights) converts in the memory of its largest weight instead of twice the model's."""
     import onnx
+    from onnx.external_data_helper import uses_external_data
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     types = value_types(fp32)
-    full = onnx.load(str(fp32))
-    known = {x.name for x in full.graph.value_info}
-    full.graph.value_info.extend(v for v in types if v.name not in known)
-    keep = [n.name for n in full.graph.node if fp32_node(n.name) or (keep_vae_fp32 and n.name.startswith(DECODER))]
+    graph = onnx.load(str(fp32), load_external_data=False)
+    float32_weights = {t.name for t in graph.graph.initializer
+                       if uses_external_data(t) and t.data_type == onnx.TensorProto.FLOAT}
+    known = {x.name for x in graph.graph.value_info}
+    graph.graph.value_info.extend(v for v in types if v.name not in known)
+    keep = [n.name for n in graph.graph.node if fp32_node(n.name) or (keep_vae_fp32 and n.name.startswith(DECODER))]
     # The converter itself, with the types given: OnnxModel's wrapper would run ONNX shape inference,
-    # which serialises the whole model and fails past 2 GB. Then the wrapper's own cast clean-ups.
-    model = OnnxModel(convert_float_to_float16(full, keep_io_types=True, node_block_list=keep,
-                                               disable_shape_infer=True))
-    del full
-    model.remove_cascaded_cast_nodes()
-    model.remove_useless_cast_nodes()
+    # which serialises the whole model and fails past 2 GB. Then the wrapper's own cast clean-ups
+    # (its shape inference reads the few external weights it folds relative to the working directory).
+    with shapes_from_dims():
+        model = OnnxModel(convert_float_to_float16(graph, keep_io_types=True, node_block_list=keep,
+                                                   disable_shape_infer=True))
+    del graph
+    with contextlib.chdir(fp32.parent):
+        model.remove_cascaded_cast_nodes()
+        model.remove_useless_cast_nodes()
     drop_duplicate_casts(model.model.graph)
     model.topological_sort()      # the converter appends its input casts after their consumers
     del model.model.graph.value_info[:]    # the float32 types given to the converter; stale where it converted
-    save_graph(model.model, path)
+    if not float32_weights:
+        save_graph(model.model, path)
+        return
+    stream_weights(model.model, fp32.parent, path, float32_weights)
+    onnx.save_model(model.model, str(path))
+    onnx.checker.check_model(str(path))
+
+
+@contextlib.contextmanager
+def shapes_from_dims():
+    """Inside, ORT's float16 converter takes a retyped weight's shape from its dims: it loads the whole weight
+    (numpy_helper.to_array) only to read the shape, which fails for a weight left on disk."""
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def stream_weights(model, source: Path, path: Path, float32_weights: set[str]) -> None:
+    """Write the external weights of `model` (read from the graph folder `source`) to `path`'s weight file,
+    one at a time: those the converter retyped to float16 are converted as it converts the weights it holds
+    (values clipped to float16's range), the others copied."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    with WeightFile(path) as out:
+        for t in model.graph.initializer:
+            if not uses_external_data(t):
+                continue
+            data = read_external(t, source)
+            if t.name in float32_weights and t.data_type == onnx.TensorProto.FLOAT16:
+                data = convert_np_to_float16(np.frombuffer(data, dtype=np.float32)).tobytes()
+            out.add(t, data)
 
 
 def fuse_cuda(fp32: Path, path: Path) -> dict[str, int]:

@@ -13,7 +13,7 @@ its own process (`python -m src.<stage>`), measuring wall time and peak resident
     export (fp32 + fp16 ONNX) -> python -m src.infer (fp32, fp16) with parity vs PyTorch
 
 Writes reports/fullsize/metrics.json (one entry per teacher, merged with what is there) and
-reports/fullsize/README.md. A stage whose resident memory passes --limit-gb is stopped and
+reports/fullsize/README.md. A stage whose anonymous memory passes --limit-gb is stopped and
 reported as not fitting. Random weights prove code paths, memory, sizes and speeds; no
 image quality is measured here.
 """
@@ -56,46 +56,62 @@ class StageRun:
     returncode: int | None
     log: str
     note: str = ""
+    peak_anon_gb: float | None = None
 
     def row(self) -> dict:
         out = {"ok": self.ok, "wall_s": round(self.wall_s, 1), "peak_rss_gb": round(self.peak_rss_gb, 2)}
+        if self.peak_anon_gb is not None:
+            out["peak_anon_gb"] = round(self.peak_anon_gb, 2)
         return out | ({"note": self.note} if self.note else {})
 
 
-def _rss_gb(pid: int) -> float:
+def _memory_gb(pid: int) -> tuple[float, float]:
+    """(resident set, its anonymous part) of a process. The anonymous part is what the machine must hold;
+    the rest maps files (ONNX Runtime maps large graphs' weights), which the kernel can drop and re-read."""
+    found = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    except (OSError, ValueError):
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon"):
+                found[key] = int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
         pass
-    return 0.0
+    return found.get("VmRSS", 0.0), found.get("RssAnon", 0.0)
 
 
-def run_stage(argv: list[str], cwd: Path, log: Path, limit_gb: float, kill_when=None) -> StageRun:
-    """Run `python <argv>` in `cwd` with the repository importable; stop it when its memory passes
-    `limit_gb`, or (SIGKILL) when `kill_when()` turns true. Peak RSS from the kernel (wait4)."""
+def run_stage(argv: list[str], cwd: Path, log: Path, limit_gb: float, kill_when=None, stop_when=None) -> StageRun:
+    """Run `python <argv>` in `cwd` with the repository importable; stop it when its anonymous memory passes
+    `limit_gb`, or (SIGKILL) when `kill_when()` turns true, or (SIGTERM: a server's clean shutdown) when
+    `stop_when()` does. Peak RSS from the kernel (wait4), peak anonymous
+    memory sampled every 0.2 s."""
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TQDM_MININTERVAL="5")
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
-        note, seen = "", 0.0
+        note, seen, anon = "", 0.0, 0.0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            seen = max(seen, _rss_gb(proc.pid))
-            if seen > limit_gb and not note:
-                note = f"stopped: resident memory passed {limit_gb} GB"
+            rss, now = _memory_gb(proc.pid)
+            seen, anon = max(seen, rss), max(anon, now)
+            if anon > limit_gb and not note:
+                note = f"stopped: anonymous memory passed {limit_gb} GB"
                 proc.kill()
             elif kill_when is not None and not note and kill_when():
                 note = "killed (SIGKILL) as planned"
                 os.kill(proc.pid, signal.SIGKILL)
+            elif stop_when is not None and not note and stop_when():
+                note = "stopped (SIGTERM) when its client finished"
+                proc.terminate()
             time.sleep(0.2)
     code = os.waitstatus_to_exitcode(status)
     peak = max(seen, usage.ru_maxrss / 2**20)
-    return StageRun(code == 0, time.perf_counter() - t0, peak, code, log.read_text(errors="replace"), note)
+    ok = code == 0
+    if note.startswith("stopped (SIGTERM)"):    # the planned end of a server stage: uvicorn shuts down cleanly,
+        note, ok = "", code in (0, -signal.SIGTERM)   # then re-raises the signal it caught
+    return StageRun(ok, time.perf_counter() - t0, peak, code, log.read_text(errors="replace"), note, anon)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -250,6 +266,7 @@ class Rehearsal:
         run = run_stage(argv, self.work, self.work / "logs" / f"{name}.log", self.limit_gb, **kw)
         self.stages[name] = run.row()
         print(f"  {name}: {'ok' if run.ok else 'FAILED'} {run.wall_s:.0f} s, peak {run.peak_rss_gb:.1f} GB "
+              f"(anonymous {run.peak_anon_gb:.1f} GB) "
               f"{run.note}", flush=True)
         if not run.ok and not run.note.startswith("killed"):
             self.stages[name]["error"] = run.log[-1500:]
@@ -334,6 +351,68 @@ def check_evaluate_export(r: Rehearsal, s: Settings) -> None:
                 "load_s": _grep(r"loaded in ([\d.]+) s", run.log),
                 "first_image_s": _grep(r"image\(s\) in ([\d.]+) s", run.log)}
     out.update(stock_psnr(work))
+    if (work / "infer_fp32.png").is_file():
+        check_serve(r, prompt, seed)
+
+
+def check_serve(r: Rehearsal, prompt: str, seed: int, ready_within_s: float = 900.0) -> None:
+    """`python -m src.serve` on the fp32 artifact, bound to 127.0.0.1: a client thread waits for /readyz, asks
+    POST /v1/images for the prompt and seed infer drew, and the server is stopped (SIGTERM) when it is done.
+    Records the time to ready, the request's latency and whether the image is infer's, pixel for pixel."""
+    import threading
+    import urllib.request
+
+    from PIL import Image
+
+    if "serve" in r.finished:
+        return
+    port, got = _free_port(), {}
+    base = f"http://127.0.0.1:{port}"
+
+    def client() -> None:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < ready_within_s:
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            return
+        got["ready_s"] = round(time.perf_counter() - t0, 1)
+        body = json.dumps({"prompt": prompt, "seed": seed}).encode()
+        t1 = time.perf_counter()
+        request = urllib.request.Request(base + "/v1/images", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as resp:
+            (r.work / "serve.png").write_bytes(resp.read())
+        got["request_s"] = round(time.perf_counter() - t1, 2)
+
+    def guarded() -> None:
+        try:
+            client()
+        except Exception as err:       # shown in the report instead of dying silently with the thread
+            got["client_error"] = f"{type(err).__name__}: {err}"
+
+    thread = threading.Thread(target=guarded, daemon=True)
+    thread.start()
+    run = r.stage("serve", py("src.serve", "--model", "models/onnx", "--host", "127.0.0.1", "--port", str(port)),
+                  stop_when=lambda: not thread.is_alive())
+    thread.join(timeout=5)
+    r.out["serve"] = got
+    if "client_error" in got:
+        r.stages["serve"]["note"] = "client: " + got["client_error"]
+    if run.ok and (r.work / "serve.png").is_file():
+        same = np.array_equal(np.asarray(Image.open(r.work / "serve.png")), np.asarray(Image.open(r.work / "infer_fp32.png")))
+        r.out["serve"] = got | {"same_image_as_infer": bool(same)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def stock_psnr(work: Path) -> dict[str, float]:
@@ -623,12 +702,12 @@ def stage_lines(e: dict) -> list[str]:
     lines = ["Parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p.items()) +
              f"; teacher folder {e.get('teacher_gb')} GB. Settings: " +
              ", ".join(f"{k} {v}" for k, v in e.get("settings", {}).items() if k != "extra"), "",
-             "| stage | ok | wall (s) | peak RSS (GB) | note |", "|---|---|---|---|---|"]
+             "| stage | ok | wall (s) | peak RSS (GB) | peak anonymous (GB) | note |", "|---|---|---|---|---|---|"]
     for name, st in e.get("stages", {}).items():
         state = "ok" if st["ok"] else "killed" if st.get("note", "").startswith("killed") else "**no**"
-        lines.append(f"| {name} | {state} | {st['wall_s']} | {st['peak_rss_gb']} | "
+        lines.append(f"| {name} | {state} | {st['wall_s']} | {st['peak_rss_gb']} | {st.get('peak_anon_gb', '')} | "
                      f"{st.get('note', '')} |")
-    ck, ex, inf = e.get("checkpoint", {}), e.get("export", {}), e.get("infer", {})
+    ck, ex, inf, sv = e.get("checkpoint", {}), e.get("export", {}), e.get("infer", {}), e.get("serve", {})
     lines += ["", "| measure | value |", "|---|---|",
               f"| checkpoint size (GB) | {ck.get('size_gb')} |", f"| checkpoint write + hash (s) | {ck.get('save_s')} |",
               f"| checkpoint verify + load on resume (s) | {ck.get('resume_s')} |",
@@ -643,7 +722,11 @@ def stage_lines(e: dict) -> list[str]:
               f"| infer vs stock diffusers PSNR fp32 / fp16 (dB) | {e.get('psnr_fp32')} / {e.get('psnr_fp16')} |",
               f"| infer load / first image fp32 (s) | {inf.get('fp32', {}).get('load_s')} / {inf.get('fp32', {}).get('first_image_s')} |",
               f"| infer load / first image fp16 (s) | {inf.get('fp16', {}).get('load_s')} / {inf.get('fp16', {}).get('first_image_s')} |",
-              ""]
+              ]
+    if sv:
+        lines += [f"| serve fp32: ready after / first request (s) | {sv.get('ready_s')} / {sv.get('request_s')} |",
+                  f"| serve's image = infer's, pixel for pixel | {sv.get('same_image_as_infer')} |"]
+    lines.append("")
     return lines
 
 
@@ -653,7 +736,10 @@ def report(entries: dict, machine: str) -> str:
              "CLIP tokenizer, **random weights**) through the real stages, each run as its own process as DVC runs "
              "it (`python -m src.bench.fullsize`). Random weights prove code paths, memory, file sizes and speeds, "
              "never image quality: the FID and CLIP numbers of these runs mean nothing and are not shown.", "",
-             f"Machine: {machine}. Peak RSS is the kernel's maximum resident set of the stage's process.", "",
+             f"Machine: {machine}. Peak RSS is the kernel's maximum resident set of the stage's process; "
+             "peak anonymous is the largest part of it not backed by a file (sampled every 0.2 s), what the machine "
+             "must hold: ONNX Runtime maps the weights of a large graph from its `.data` file, pages the kernel can "
+             "drop. A stage is stopped when its anonymous memory passes the limit.", "",
              "What real sizes demand of the stages, each found by this rehearsal and handled in the code:", "",
              "- **ONNX past 2 GB.** protobuf cannot serialise the fp32 graph (4.7 GB): its size is counted from the "
              "weights' shapes, the weights go to one external `model.onnx.data`, streamed from the exporter's "
@@ -662,7 +748,14 @@ def report(entries: dict, machine: str) -> str:
              "weight-less graph.",
              "- **Memory of export.** The PyTorch reference images are drawn first and the PyTorch weights freed "
              "before the fp16 graph and the ONNX Runtime sessions load, one session at a time (peak 17.6 GB for "
-             "SD 2.1-base; holding both passed 22 GB).",
+             "SD 2.1-base; holding both passed 22 GB). The fp16 conversion never loads the weights as a whole: "
+             "the converter retypes the weight-less graph, then each weight is read, converted and written on "
+             "its own (SDXL: 13.7 GB of float32 weights converted in 112 s; with the whole model loaded it "
+             "passed 22 GB). Weights of 1 MiB or more start on 64 KiB boundaries in `model.onnx.data`, where "
+             "ONNX Runtime can map them.",
+             "- **fp16 on the CPU provider.** ONNX Runtime's CPU kernels are mostly float32, so an fp16 graph "
+             "run there casts its weights up and holds both copies (SDXL: 16.1 GB against 12.6 GB for the fp32 "
+             "graph). The fp16 graph is for GPUs; on a CPU serve the fp32 one.",
              "- **Multi-GB files are hashed as streams** (evaluate's image-set keys, checkpoint manifests).",
              "- **Stock loading.** Published folders list a safety checker (SD 1.5) or `[null, null]` (SD 2.x), "
              "PNDM or DDIM v-prediction schedulers and fp32 weights; the stages load them without the safety "
@@ -724,7 +817,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("fullsize_work"), help="scratch folder (tens of GB at full size)")
     parser.add_argument("--out", type=Path, default=Path("reports/fullsize"))
     parser.add_argument("--resolution", type=int, default=128, help="distill.resolution of the rehearsal")
-    parser.add_argument("--limit-gb", type=float, default=22.0, help="stop a stage whose resident memory passes this")
+    parser.add_argument("--limit-gb", type=float, default=22.0, help="stop a stage whose anonymous (not file-backed) memory passes this")
     parser.add_argument("--levers", action="store_true", help="also measure the memory-lever table")
     parser.add_argument("--skip-stages", action="store_true", help="only the lever table")
     parser.add_argument("--lever-resolutions", type=int, nargs="+", default=[64, 128], metavar="PX",
@@ -738,8 +831,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted rehearsal (kept with --keep): skip the stages it finished")
     args = parser.parse_args(argv)
-    if args.scale == "full" and not args.resume and shutil.disk_usage(args.work.parent.resolve()).free < 40 * 2**30:
-        raise UserError(f"--work {args.work}: a full-size rehearsal needs ~40 GB free on that disk")
     metrics_path = args.out / "metrics.json"
     entries = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     key = lambda arch: arch if args.scale == "full" else f"{arch}-tiny"  # noqa: E731
@@ -751,6 +842,8 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_file(args.out / "README.md") as f:
             f.write(report(entries, machine()))
         return
+    if args.scale == "full" and not args.resume and shutil.disk_usage(args.work.parent.resolve()).free < 40 * 2**30:
+        raise UserError(f"--work {args.work}: a full-size rehearsal needs ~40 GB free on that disk")
     for arch in args.arch:
         work = (args.work / arch).resolve()      # the stages run inside it: its paths must not be relative
         print(f"{arch} ({args.scale}) in {work}", flush=True)
