@@ -2,13 +2,19 @@
 
     python -m src.serve                                   # models/onnx on http://127.0.0.1:8000
     python -m src.serve --production production           # follow what src.flows promotes
-    python -m src.serve --model models/onnx --provider cuda --precision fp16 --host 0.0.0.0
+    SWIFTBRUSH_API_KEYS=KEY python -m src.serve --model models/onnx --provider cuda --precision fp16 --host 0.0.0.0
     curl -s 127.0.0.1:8000/v1/images -d '{"prompt": "a red circle on a blue background", "seed": 0}' -o img.png
 
 Endpoints: POST /v1/images ({"prompt", "seed", "n", "response_format": "png" | "b64_json"}),
-GET / (a page to try it), GET /healthz (the process is up), GET /readyz (a model is loaded
-and warmed up), GET /metrics (Prometheus text). Every image response carries the model's
-version (`X-Model-Version`, the first 16 hex digits of the artifact manifest's digest).
+OpenAI's POST /v1/images/generations and GET /v1/models, AUTOMATIC1111's POST /sdapi/v1/txt2img,
+GET /sdapi/v1/sd-models and GET/POST /sdapi/v1/options (docs/serving.md), GET / (a page to try it),
+GET /healthz (the process is up), GET /readyz (a model is loaded and warmed up), GET /metrics
+(Prometheus text). Every image response carries the model's version (`X-Model-Version`, the first
+16 hex digits of the artifact manifest's digest).
+
+API keys: with serve.api_keys_file or SWIFTBRUSH_API_KEYS set, every route that draws or lists
+models needs `Authorization: Bearer KEY`. Without keys the server refuses a --host other than
+this machine's loopback unless --allow-unauthenticated is given.
 
 An image is a function of (model version, prompt, seed) only: the same as `python -m
 src.infer` gives, byte for byte, whatever else shares its batch. Batching, queue and limit
@@ -37,6 +43,7 @@ try:
 except ImportError as err:          # the pipeline's install leaves the service's packages out
     raise SystemExit(f"python -m src.serve: {err.name} is not installed; install the serve extra: "
                      "pip install -e '.[serve]'") from None
+from .serving.auth import check_bind, load_keys
 from .serving.service import Service, load_model, signature
 
 log = logging.getLogger("src.serve")
@@ -74,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-delay-ms", type=float, help="batching wait (serve.max_delay_ms)")
     parser.add_argument("--no-batching", action="store_true", help="one request per call (serve.batching=false)")
     parser.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="allow a --host beyond this machine with no API key (serve.api_keys_file, "
+                             "SWIFTBRUSH_API_KEYS)")
     add_config_args(parser)
     return parser
 
@@ -86,8 +96,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: expected 1..65535")
+    keys = load_keys(cfg.api_keys_file)
+    check_bind(args.host, bool(keys), args.allow_unauthenticated)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = Service(cfg, args.precision, args.provider)
+    service = Service(cfg, args.precision, args.provider, key_hashes=keys)
+    if keys:
+        log.info("API keys required on the generation routes (%d key(s))", len(keys))
     if args.production is not None:
         service.production = args.production
         folder = args.production / "current" / "onnx"

@@ -246,6 +246,14 @@ class ServeConfig(Section):
     max_prompt_chars: int = Field(2000, ge=1, le=1_000_000,
                                   description="longer prompts are refused (422); token truncation only warns")
     max_body_bytes: int = Field(16384, ge=256, le=16 * 2**20, description="larger request bodies get 413")
+    model_name: str = Field("swiftbrush-onestep", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$",
+                            description="the served model's name in GET /v1/models and /sdapi/v1/sd-models")
+    api_keys_file: str | None = Field(None, description="a file of API keys, one per line (or `sha256:<hex>` of "
+                                                        "one); when set, or when SWIFTBRUSH_API_KEYS is, every "
+                                                        "generation route needs `Authorization: Bearer KEY`")
+    url_images: int = Field(64, ge=0, le=100_000, description="OpenAI response_format 'url': most images held "
+                                                              "in memory for download (0: 'url' is not offered)")
+    url_ttl_s: float = Field(600.0, gt=0.0, le=86_400.0, description="how long a 'url' image can be downloaded")
     watch_interval_s: float = Field(1.0, gt=0.0, le=3600.0,
                                     description="with --production: how often the promoted model is checked")
     threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads (0 = one per core)")

@@ -1,4 +1,5 @@
-"""The HTTP app: POST /v1/images, GET / (the page in page.html), /healthz, /readyz, /metrics."""
+"""The HTTP app: POST /v1/images, the OpenAI and AUTOMATIC1111 dialects (openai_api.py, a1111.py), GET / (the
+page in page.html), /healthz, /readyz, /metrics; API keys (auth.py) on every route that draws or lists models."""
 
 from __future__ import annotations
 
@@ -6,27 +7,27 @@ import asyncio
 import base64
 import json
 import logging
-import secrets
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..method.noise import initial_noise
-from .batcher import Batcher, Job
+from . import a1111, openai_api
+from .auth import key_id, match, presented_key
+from .batcher import Batcher
+from .generate import draw
 from .requests import Rejected, parse_request, read_body
-from .runtime import png_bytes
 from .service import Service
 
 log = logging.getLogger("src.serve")
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
 
-ROUTES = {"/", "/v1/images", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+ROUTES = {"/", "/v1/images", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/v1/images/generations",
+          "/v1/models", "/sdapi/v1/txt2img", "/sdapi/v1/sd-models", "/sdapi/v1/options", "/sdapi/v1/samplers",
+          "/sdapi/v1/schedulers"}
 
 
 def create_app(service: Service):
@@ -45,7 +46,10 @@ def create_app(service: Service):
 
     app = FastAPI(title="SwiftBrush one-step student", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     add_error_handling(app, service.metrics)
-    app.post("/v1/images")(images_endpoint(service))
+    authorize = authorizer(service)
+    app.post("/v1/images")(images_endpoint(service, authorize))
+    openai_api.add_routes(app, service, authorize)
+    a1111.add_routes(app, service, authorize)
     add_probes(app, service)
     return app
 
@@ -64,7 +68,7 @@ def add_error_handling(app, m) -> None:
     @app.exception_handler(Rejected)
     async def rejected(request: Request, err: Rejected):
         m.errors.labels(err.kind).inc()
-        return JSONResponse({"error": {"type": err.kind, "message": err.message}}, err.status, err.headers)
+        return error_response(request.url.path, err)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, err: Exception):
@@ -73,44 +77,51 @@ def add_error_handling(app, m) -> None:
         return JSONResponse({"error": {"type": "internal", "message": "internal server error (logged)"}}, 500)
 
 
-def images_endpoint(service: Service):
-    """POST /v1/images: parse, pin the serving model, queue one job for the batcher, answer PNG or JSON."""
-    m = service.metrics
+def error_response(path: str, err: Rejected) -> Response:
+    """A refusal in the shape of the dialect the route speaks."""
+    if path.startswith("/sdapi/"):
+        return a1111.error_response(err)
+    if path.startswith(("/v1/images/generations", "/v1/images/files/", "/v1/models")):
+        return openai_api.error_response(err)
+    return JSONResponse({"error": {"type": err.kind, "message": err.message}}, err.status, err.headers)
+
+
+def images_endpoint(service: Service, authorize):
+    """POST /v1/images: parse, draw on the serving model, answer PNG or JSON."""
 
     async def images(request: Request):
-        t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
+        authorize(request)
         req, warnings = parse_request(await read_body(request, service.cfg.max_body_bytes), service.cfg)
-        art = service.model                    # pinned: this request finishes on this model
-        if art is None:
-            raise Rejected(503, "not_ready", "no model is loaded yet", {"Retry-After": "1"})
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
-        seeds = list(range(seed, seed + req.n))
-        ids, cut = art.token_ids([req.prompt])
-        job = Job(art, np.repeat(ids, req.n, axis=0), initial_noise(seeds, tuple(art.contract["latent_shape"])),
-                  loop.create_future(), loop.time())
-        service.batcher.submit(job)
-        try:
-            pixels = await asyncio.wait_for(asyncio.shield(job.future), service.cfg.request_timeout_s)
-        except TimeoutError:
-            job.future.cancel()
-            raise Rejected(503, "timeout", f"not answered within {service.cfg.request_timeout_s} s "
-                                           "(serve.request_timeout_s)", {"Retry-After": "1"}) from None
-        pngs = await loop.run_in_executor(None, lambda: [png_bytes(p) for p in pixels])
-        warnings += [f"the prompt is longer than {art.contract['max_length']} tokens and was truncated; "
-                     f"dropped text: {cut[0]!r}"] if cut else []
-        ms = round((time.perf_counter() - t0) * 1000, 1)
-        m.latency.observe(ms / 1000)
-        headers = {"X-Model-Version": art.version, "X-Seed": str(seed), "X-Time-Ms": str(ms)}
+        drawn = await draw(service, req.prompt, req.n, req.seed, warnings)
+        headers = drawn.headers
         if req.response_format == "png":
-            if warnings:
-                headers["X-Warning"] = json.dumps(" / ".join(warnings))  # ASCII-escaped: a valid header value
-            return Response(pngs[0], media_type="image/png", headers=headers)
-        return JSONResponse({"model_version": art.version, "seed": seed, "time_ms": ms, "warnings": warnings,
+            if drawn.warnings:
+                headers["X-Warning"] = json.dumps(" / ".join(drawn.warnings))  # ASCII-escaped: a valid header value
+            return Response(drawn.pngs[0], media_type="image/png", headers=headers)
+        return JSONResponse({"model_version": drawn.art.version, "seed": drawn.seeds[0], "time_ms": drawn.ms,
+                             "warnings": drawn.warnings,
                              "images": [{"seed": s, "b64_png": base64.b64encode(p).decode()}
-                                        for s, p in zip(seeds, pngs)]}, headers=headers)
+                                        for s, p in zip(drawn.seeds, drawn.pngs)]}, headers=headers)
 
     return images
+
+
+def authorizer(service: Service):
+    """`authorize(request, basic=False)`: with keys configured, a request without a known key is a 401 (the
+    caller's dialect shapes it); with none, every request passes. Counts requests per key id."""
+    hashes = service.key_hashes
+
+    def authorize(request: Request, basic: bool = False) -> None:
+        if not hashes:
+            return
+        key = presented_key(request.headers.get("authorization"), basic)
+        found = match(key, hashes) if key is not None else None
+        if found is None:
+            raise Rejected(401, "unauthorized", "an API key is required: send `Authorization: Bearer KEY`"
+                           if key is None else "the API key is not valid", {"WWW-Authenticate": "Bearer"})
+        service.metrics.by_key.labels(key_id(found)).inc()
+
+    return authorize
 
 
 def add_probes(app, service: Service) -> None:

@@ -40,6 +40,8 @@ class Metrics:
                                  registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.model = Gauge(p + "model_info", "the model being served (value 1)",
                            ["version", "precision", "provider"], registry=r)
+        self.by_key = Counter(p + "authorized_requests", "requests that presented a valid API key, by key id "
+                              "(the first 8 hex digits of the key's SHA-256)", ["key_id"], registry=r)
         self.swaps = Counter(p + "model_swaps", "promoted models swapped in (ok) or refused", ["result"],
                              registry=r)
         for kind in ("ok", "refused"):

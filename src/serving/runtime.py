@@ -37,6 +37,7 @@ class Artifact:
     io_binding: bool = False          # on CUDA: inputs bound once, the output allocated by ONNX Runtime on the device
     workers: int = 1                  # on CPU: a batch is split over this many concurrent calls (see load_artifact)
     tokenizer_2: object = None        # SDXL's second tokenizer; its ids are the graph's input_ids_2
+    image_hw: tuple[int, int] | None = None   # (height, width) of its images, from the warm-up (serve)
     _pool: object = field(default=None, repr=False)
 
     def run(self, ids: np.ndarray, noise: np.ndarray) -> np.ndarray:

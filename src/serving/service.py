@@ -19,7 +19,7 @@ def load_model(folder: Path, precision: str, provider: str, threads: int, worker
     """Verify, load and warm up an artifact (a first call allocates what later calls reuse)."""
     art = load_artifact(folder, precision, provider, threads=threads, workers=workers)
     ids, _ = art.token_ids(["warm-up"])
-    art.run(ids, initial_noise([0], tuple(art.contract["latent_shape"])))
+    art.image_hw = tuple(art.run(ids, initial_noise([0], tuple(art.contract["latent_shape"]))).shape[-2:])
     return art
 
 
@@ -41,6 +41,7 @@ class Service:
     production: Path | None = None
     metrics: Metrics = field(default_factory=Metrics)
     batcher: Batcher | None = None
+    key_hashes: list[str] = field(default_factory=list)     # SHA-256 of the accepted API keys (auth.py)
 
     def install(self, art: Artifact) -> None:
         old = self.model
