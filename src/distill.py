@@ -33,6 +33,9 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 import numpy as np
 import torch
 
+from .artifact.card import student_card
+from .artifact.lora import Extracted, from_adapter
+from .artifact.lora import write as write_lora
 from .core import checkpoint
 from .core.checkpoint import EMA_FILE, load_ema, save_ema, student_ema
 from .core.config import DistillConfig, stage_config
@@ -128,10 +131,10 @@ def clip_weight(base: float, step: int, total: int, schedule: str) -> float:
     return base if schedule == "constant" else base * max(0.0, 1 - step / max(total, 1))
 
 
-def save_student(out: Path, pipe, student, timestep: int) -> None:
+def save_student(out: Path, pipe, student, timestep: int, lora: Extracted | None = None) -> None:
     """A complete diffusers pipeline of the teacher's family: student UNet, the teacher's other parts, a
     one-step scheduler at the student's timestep (one DDIM step there with alpha_prev = 1 returns exactly
-    its x0)."""
+    its x0); for a LoRA student also its adapter as `lora/` (diffusers' and kohya's formats, for the teacher)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = one_step_scheduler(pipe.scheduler, timestep)
@@ -146,9 +149,12 @@ def save_student(out: Path, pipe, student, timestep: int) -> None:
                                       feature_extractor=None, requires_safety_checker=False)
     with atomic_dir(out) as tmp:
         one.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "swiftbrush.json").write_text(json.dumps(
-            {"one_step": True, "num_inference_steps": 1, "guidance_scale": 1.0, "timestep": timestep,
-             "note": "call the pipeline with num_inference_steps=1, guidance_scale=1.0"}, indent=2))
+        made = {"one_step": True, "num_inference_steps": 1, "guidance_scale": 1.0, "timestep": timestep,
+                "note": "call the pipeline with num_inference_steps=1, guidance_scale=1.0"}
+        (tmp / "swiftbrush.json").write_text(json.dumps(made, indent=2))
+        (tmp / "README.md").write_text(student_card(type(one).__name__, timestep, made))
+        if lora is not None:
+            write_lora(tmp / "lora", lora, type(one).__name__, timestep, "student_lora")
 
 
 @dataclass
@@ -519,9 +525,11 @@ def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: li
     acc = run.acc
     if final is None and cfg.student == "full":
         final = shipped(acc.unwrap_model(run.student), run.ema).eval()      # a copy holding the EMA weights
-    elif final is None:
+    lora = None
+    if final is None and cfg.student == "lora":
         with shipped_weights(run.student_params, run.ema):   # merged tensors are new: they keep the EMA weights
             final = merge_adapter(run.teacher, STUDENT).eval()
+            lora = from_adapter(run.teacher, STUDENT)      # copies: also the EMA weights
     if run.val_records:
         result["final"] = validate(run.pipe, final, run.val_records, run.abar, run.t_student)
     final = final.to(memory_format=torch.contiguous_format)                        # safetensors wants contiguous
@@ -531,7 +539,7 @@ def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: li
             setattr(pipe, name, None)
         for name, part in frozen_parts(cfg.teacher, torch.float32).items():
             setattr(pipe, name, part)
-    save_student(paths.student, pipe, final, run.t_student)
+    save_student(paths.student, pipe, final, run.t_student, lora)
     write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
                | {"val_curve": history})
 

@@ -64,6 +64,14 @@ def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tm
     teacher = load_pipeline(str(models / "teacher"))
     ours = one_step_images(teacher, pipe.unet, prompts, seeds, alphas_cumprod(teacher), timestep=t_s)
     assert np.abs(via_pipeline * 255 - ours.astype(np.float32)).max() <= 1.0  # same image (uint8 rounding)
+    # The call the model card states with a stock scheduler: LCM's one step at t_s returns its x0.
+    from diffusers import LCMScheduler
+
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    via_lcm = pipe(prompts, num_inference_steps=1, timesteps=[t_s], guidance_scale=0, output_type="np",
+                   latents=torch.from_numpy(latents)).images
+    assert np.abs(via_lcm * 255 - ours.astype(np.float32)).max() <= 1.0
+    assert f"timesteps=[{t_s}]" in (paths.student / "README.md").read_text()
     # The student moved away from the teacher.
     diff = sum((a - b).abs().sum() for a, b in zip(pipe.unet.parameters(), teacher.unet.parameters()))
     assert diff > 0

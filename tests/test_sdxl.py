@@ -67,6 +67,13 @@ def test_the_stock_sdxl_pipeline_draws_our_one_step_image(sdxl_student):
     theirs = (np.clip(theirs, 0, 1) * 255).round().astype(np.uint8)
     assert theirs.shape == ours.shape == (2, 128, 128, 3)
     assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1
+    from diffusers import LCMScheduler                      # the model card's call with a stock scheduler
+
+    stock.scheduler = LCMScheduler.from_config(stock.scheduler.config)
+    lcm = stock(prompts, num_inference_steps=1, timesteps=[899], guidance_scale=0, latents=latents,
+                output_type="np").images
+    lcm = (np.clip(lcm, 0, 1) * 255).round().astype(np.uint8)
+    assert np.abs(lcm.astype(int) - ours.astype(int)).max() <= 1
 
 
 def test_a_teacher_folder_missing_its_second_encoder_is_refused_by_name(sdxl_teacher, tmp_path):

@@ -64,6 +64,11 @@ Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their 
 
     python -m src.infer "a red circle at the top on a blue background" --seed 0 --out cat.png
     python -m src.infer --prompts-file prompts.txt --seed 0 --out images/ --precision fp16 --provider cuda
+
+The PyTorch student it was exported from (`{student}`) draws the same images with stock diffusers:
+
+{stock_calls("StableDiffusionXLPipeline" if c.get("family") == "sdxl" else "StableDiffusionPipeline",
+             str(student), c["timestep"])}
 """
 
 
@@ -75,3 +80,44 @@ def second_input(c: dict) -> str:
     return (f"| `input_ids_2` | int64 | (batch, {t['max_length']}) | the same prompt by `tokenizer_2.json`: BOS "
             f"({t['bos_id']}), prompt, EOS ({t['eos_id']}), padded with {t['pad_id']}; the pooled embedding and the "
             f"time ids ({c['resolution']} px) are computed inside |\n")
+
+
+def stock_calls(pipeline_class: str, folder: str, timestep: int) -> str:
+    """The stock diffusers calls that draw a student folder in one step (for its card and the ONNX card)."""
+    return f"""```python
+import torch
+from diffusers import LCMScheduler, {pipeline_class}
+
+pipe = {pipeline_class}.from_pretrained("{folder}", torch_dtype=torch.float16).to("cuda")
+
+# as saved: one DDIM step at t = {timestep} that returns the UNet's clean-image estimate
+image = pipe(prompt, num_inference_steps=1, guidance_scale=1.0).images[0]
+
+# or with LCM's scheduler, as one-step LoRAs are called: its last step returns the same estimate
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+image = pipe(prompt, num_inference_steps=1, timesteps=[{timestep}], guidance_scale=0).images[0]
+```
+
+Both draw the image `python -m src.infer` draws for the same initial latent (within 1/255 in
+float32; tested). Guidance is off in both (`guidance_scale` 1.0 or 0): the student learned the
+guided teacher, and a second, unconditional pass would only cost time."""
+
+
+def student_card(pipeline_class: str, timestep: int, made: dict) -> str:
+    """README.md of a student pipeline folder: what it is and the stock calls that draw it."""
+    return f"""# One-step SwiftBrush student ({pipeline_class})
+
+A text-to-image generator distilled from a Stable-Diffusion-style teacher with SwiftBrush (variational
+score distillation, no training images): one UNet evaluation per image, at timestep {timestep}.
+The other parts (text encoder(s), VAE, tokenizer(s)) are the teacher's, unchanged.
+
+## Draw it with stock diffusers
+
+{stock_calls(pipeline_class, "path/to/this/folder", timestep)}
+
+The ONNX artifact of this student (`python -m src.export`) runs the same generator without PyTorch.
+
+## How it was made
+
+`python -m src.distill`; `swiftbrush.json` records {json.dumps(made)}.
+"""
