@@ -414,6 +414,9 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
     """Run (or resume) the distillation; save the student pipeline; return the final metrics."""
     from tqdm import tqdm
 
+    from .layout import resolve_teacher
+
+    cfg = cfg.model_copy(update={"teacher": resolve_teacher(cfg.teacher, cfg.teacher_config)})
     run = setup(cfg, lr, seed, paths)
     resume(run, cfg, paths)
     acc, prompts = run.acc, run.prompts
@@ -749,9 +752,12 @@ def validate(pipe, student, records: list[dict], abar: torch.Tensor, timestep: i
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .layout import resolve_teacher
+
     config, _ = stage_config(__doc__, "distill", argv, top_level=("lr", "tiny_decoder"))
     if config is None:
         return
+    resolve_teacher(config.distill.teacher, config.distill.teacher_config)   # a single file: converted once, here
     if config.distill.processes > 1 and launched_world() == 1:
         code = spawn("src.distill", sys.argv[1:] if argv is None else argv, config.distill.processes)
         if code:

@@ -529,7 +529,10 @@ def main(argv: list[str] | None = None) -> None:
     tiny = Path(config.tiny_decoder) if config.tiny_decoder else None
     paths = Paths(eval_prompts=args.prompts, student=args.student, images=args.images, reports=args.reports,
                   tiny_decoder=tiny, student_name=args.name)
-    metrics = evaluate(config.evaluate, config.distill.teacher, paths)
+    from .layout import resolve_teacher
+
+    teacher = resolve_teacher(config.distill.teacher, config.distill.teacher_config)
+    metrics = evaluate(config.evaluate, teacher, paths)
     for name, m in metrics.items():
         print(f"{name}: " + ", ".join(f"{k} {m[k]:.4f}" for k in ("fid", "clip_score", "attribute_accuracy") if k in m))
 

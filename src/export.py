@@ -280,17 +280,36 @@ def export(cfg: ExportConfig, paths: Paths = Paths()) -> dict:
     return metrics
 
 
+def single_file(student: Path, out: Path) -> int:
+    """The student pipeline as one .safetensors checkpoint in the original layout; its size in bytes."""
+    from .artifact.single_file import write_single_file
+
+    if out.suffix != ".safetensors":
+        raise UserError(f"--single-file {out}: expected a .safetensors file name")
+    if not (student / "model_index.json").is_file():
+        raise UserError(f"{student}: no student pipeline (run `dvc repro distill` first)")
+    made = json.loads((student / "swiftbrush.json").read_text()) if (student / "swiftbrush.json").is_file() else {}
+    meta = {"swiftbrush_timestep": str(made["timestep"])} if "timestep" in made else {}
+    return write_single_file(load_pipeline(str(student)), out, meta)
+
+
 def cli_args(parser) -> None:
     """Export another student (e.g. a merged one) than the DVC stage's, to another folder."""
     d = Paths()
     parser.add_argument("--student", type=Path, default=d.student, help="student pipeline folder")
     parser.add_argument("--out", type=Path, default=d.out, help="the artifact folder")
     parser.add_argument("--reports", type=Path, default=d.reports, help="where metrics.json goes")
+    parser.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
+                        help="instead of the ONNX artifact, write the student as one checkpoint in the original "
+                             "key layout (ComfyUI, AUTOMATIC1111, diffusers' from_single_file)")
 
 
 def main(argv: list[str] | None = None) -> None:
     config, args = stage_config(__doc__, "export", argv, extra_args=cli_args, top_level=("tiny_decoder",))
     if config is None:
+        return
+    if args.single_file is not None:
+        print(f"export: {single_file(args.student, args.single_file) / 2**20:.1f} MB written to {args.single_file}")
         return
     m = export(config.export, Paths(student=args.student, out=args.out, reports=args.reports,
                                     tiny_decoder=Path(config.tiny_decoder) if config.tiny_decoder else None))

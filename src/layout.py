@@ -313,6 +313,117 @@ def write_sdxl_layout(out: Path, scale: str, seed: int) -> dict:
     return counts
 
 
+def write_configs(arch: Arch, out: Path) -> Path:
+    """The arch's pipeline folder without weights: model_index.json, every component's config, the tokenizers
+    and the scheduler. What diffusers' single-file loader needs (`config=`) to read a published checkpoint
+    offline."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    if arch not in ARCHES:
+        raise UserError(f"teacher_config {arch!r}: expected one of {', '.join(ARCHES)} or a folder")
+    cls, sched_cfg = SCHEDULER[arch]
+    texts = {"text_encoder": ("CLIPTextModel", TEXT_ENCODER[arch])}
+    if arch in TEXT_ENCODER_2:
+        texts["text_encoder_2"] = ("CLIPTextModelWithProjection", TEXT_ENCODER_2[arch])
+    with atomic_dir(out) as tmp:
+        with torch.device("meta"):
+            UNet2DConditionModel(**UNET[arch]).save_config(tmp / "unet")
+            AutoencoderKL(**VAE[arch]).save_config(tmp / "vae")
+        for name, (_, config) in texts.items():
+            CLIPTextConfig(**config).save_pretrained(tmp / name)
+        save_clip_tokenizer(tmp / "tokenizer", PAD_TOKEN[arch])
+        index = {"_class_name": "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline",
+                 "_diffusers_version": diffusers.__version__, "scheduler": ["diffusers", cls],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"]}
+        index |= {name: ["transformers", cls_name] for name, (cls_name, _) in texts.items()}
+        if arch == "sdxl":
+            save_clip_tokenizer(tmp / "tokenizer_2", PAD_TOKEN_2["sdxl"])
+            index |= {"tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True}
+        else:
+            index |= {"safety_checker": [None, None], "feature_extractor": [None, None],
+                      "requires_safety_checker": False}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "scheduler").mkdir()
+        write_scheduler_config(tmp, cls, sched_cfg)
+    return out
+
+
+def single_file_teacher(path: Path, teacher_config: str, cache: Path | None = None) -> Path:
+    """A one-file teacher (the original key layout) as a diffusers folder, converted once by diffusers'
+    single-file loader (offline, the configs from `teacher_config`: an arch name or a folder) and kept in
+    the cache (SWIFTBRUSH_CACHE, default ~/.cache/swiftbrush) under the file's path, size and time. Every
+    weight of the converted pipeline is checked against the file: a file whose keys do not fit the named
+    architecture is one clear error, never a half-random teacher."""
+    import hashlib
+    import os
+    import tempfile
+
+    import diffusers
+
+    if not path.is_file():
+        raise UserError(f"distill.teacher {path}: no such file")
+    st = path.stat()
+    config_dir = Path(teacher_config) if Path(teacher_config).is_dir() else None
+    if config_dir is None and teacher_config not in ARCHES:
+        raise UserError(f"distill.teacher_config {teacher_config!r}: expected one of {', '.join(ARCHES)} or a "
+                        "diffusers pipeline folder")
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{teacher_config}".encode()).hexdigest()[:16]
+    root = cache or Path(os.environ.get("SWIFTBRUSH_CACHE", Path.home() / ".cache" / "swiftbrush"))
+    out = root / "single_file" / f"{path.stem}-{key}"
+    if (out / "model_index.json").is_file():
+        return out
+    with tempfile.TemporaryDirectory() as scratch:
+        if config_dir is None:
+            config_dir = write_configs(teacher_config, Path(scratch) / teacher_config)
+        index = json.loads((config_dir / "model_index.json").read_text())
+        cls = getattr(diffusers, index["_class_name"])
+        extra = {} if index["_class_name"] == "StableDiffusionXLPipeline" else {"safety_checker": None}
+        try:
+            pipe = cls.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                        torch_dtype=torch.float32, **extra)
+        except Exception as err:      # diffusers raises several types for keys or shapes that do not fit
+            raise UserError(f"distill.teacher {path}: does not load as {teacher_config} "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+        check_against_file(pipe, path, teacher_config)
+        with atomic_dir(out) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
+
+
+def check_against_file(pipe, path: Path, teacher_config: str) -> None:
+    """Every weight of `pipe`, put back in the original layout, is in the file with the same values."""
+    from safetensors import safe_open
+
+    from .artifact.single_file import to_original
+
+    wanted = to_original(pipe)
+    missing, differ = [], []
+    with safe_open(str(path), framework="pt") as f:
+        have = set(f.keys())
+        for k, v in wanted.items():
+            if k not in have:
+                missing.append(k)
+            elif not torch.equal(f.get_tensor(k).to(v.dtype).reshape(v.shape), v):   # 1x1 conv = linear
+                differ.append(k)
+    if missing or differ:
+        what = (f"{len(missing)} weights are missing (e.g. {missing[0]})" if missing else
+                f"{len(differ)} weights did not convert (e.g. {differ[0]})")
+        raise UserError(f"distill.teacher {path}: its keys do not fit {teacher_config}: {what}. Name the "
+                        "architecture the checkpoint was trained as (distill.teacher_config)")
+
+
+def resolve_teacher(teacher: str, teacher_config: str | None) -> str:
+    """The folder the stages load: `teacher` itself, or a single-file teacher's converted folder."""
+    if teacher.endswith(".safetensors"):
+        if teacher_config is None:
+            raise UserError(f"distill.teacher {teacher}: one checkpoint file needs distill.teacher_config")
+        return str(single_file_teacher(Path(teacher), teacher_config))
+    return teacher
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.layout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

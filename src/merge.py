@@ -111,6 +111,7 @@ def curve(a: Path, b: Path, lams: list[float], work: Path, report: Path, params:
     from .core.figures import sample_grid
     from .core.prompts import read_prepared
     from .evaluate import Paths, evaluate, load_folder
+    from .layout import resolve_teacher
 
     config = load_config(params, overrides or [])
     cfg = config.evaluate
@@ -121,7 +122,7 @@ def curve(a: Path, b: Path, lams: list[float], work: Path, report: Path, params:
     for lam in lams:
         student = merge(a, b, lam, work / f"lam_{lam:g}")
         reports = work / f"eval_lam_{lam:g}"
-        metrics = evaluate(cfg, config.distill.teacher, Paths(student=student, images=work / "images",
+        metrics = evaluate(cfg, resolve_teacher(config.distill.teacher, config.distill.teacher_config), Paths(student=student, images=work / "images",
                                                               reports=reports, student_name=f"lam_{lam:g}"))
         intervals = json.loads((reports / "intervals.json").read_text())
         rows.append({"lam": lam, "metrics": metrics, "intervals": intervals})

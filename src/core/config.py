@@ -88,7 +88,12 @@ class PrepareConfig(Section):
 class DistillConfig(Section):
     """The distill stage: SwiftBrush VSD (docs/design.md, "The method"). Paper values in the descriptions."""
 
-    teacher: str = Field("models/teacher", description="diffusers SD pipeline folder, or a cached hub id")
+    teacher: str = Field("models/teacher", description="diffusers SD pipeline folder, a cached hub id, or one "
+                                                       ".safetensors checkpoint in the original layout (with "
+                                                       "teacher_config)")
+    teacher_config: str | None = Field(
+        None, description="the architecture of a single-file teacher: sd15, sd21-base, sd21, sdxl (the published "
+                          "configs, offline), or a diffusers pipeline folder whose configs fit the file")
     resolution: int | None = Field(
         None, ge=16, le=2048, multiple_of=8, description="image side the student is trained and saved at; "
                                                           "null = the teacher's native size (SD 2.1-base: 512)")
@@ -164,6 +169,9 @@ class DistillConfig(Section):
     def _check_range(self) -> "DistillConfig":
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        if self.teacher.endswith(".safetensors") and self.teacher_config is None:
+            raise ValueError(f"teacher {self.teacher!r} is one checkpoint file: set teacher_config to its architecture "
+                             "(sd15, sd21-base, sd21, sdxl, or a diffusers folder with matching configs)")
         if self.sharding == "fsdp" and (self.processes < 2 or self.student != "full"):
             raise ValueError(f"sharding: fsdp shards a full student over processes: it needs student: full (is "
                              f"{self.student}) and processes >= 2 (is {self.processes})")
