@@ -142,10 +142,29 @@ def report(out: dict) -> str:
                      f"{100 * r['kept_energy']:.1f}% | " + " | ".join(cell(m, ci.get(r["name"], {}), k)
                                                                       for k in HEADLINE) + " | " + " | ".join(diffs) + " |")
     left = out["rows"][0]["left_out_relative"] if out["rows"] else 0
-    lines += ["", f"Bias and normalisation changes cannot ride on a LoRA (diffusers' and kohya's formats carry "
+    pick = default_rank(out)
+    lines += ["", f"**Default rank: {pick}**: the smallest rank with no metric worse than the full student on the "
+              f"paired test and at least {KEEP:.0%} of the weight change kept (`python -m src.lora` prints the share it "
+              "keeps: on a real UNet, whose layers are wider than the world's, that share is the guide to a rank).",
+              "", f"Bias and normalisation changes cannot ride on a LoRA (diffusers' and kohya's formats carry "
               f"Linear and Conv2d weights): they are {100 * left:.1f}% of the student's change (in norm) and stay "
               "the teacher's at every rank.", "", "![teacher, full student, then one column per rank](grid.png)", ""]
     return "\n".join(lines)
+
+
+KEEP = 0.95
+
+
+def default_rank(out: dict) -> int | None:
+    """The smallest rank whose paired differences from the full student are none of them worse and that keeps
+    at least KEEP of the weight change."""
+    from ..evaluate import HEADLINE, verdict
+
+    for r in sorted(out["rows"], key=lambda r: r["rank"]):
+        vs = out["intervals"].get("vs_teacher", {}).get(r["name"], {})
+        if r["kept_energy"] >= KEEP and all(verdict(k, *vs[k]["interval"]) != "worse" for k in HEADLINE if k in vs):
+            return r["rank"]
+    return None
 
 
 def machine_line(out: dict) -> str:
