@@ -144,15 +144,21 @@ def test_infer_and_the_service_draw_the_pytorch_students_images(sdxl_onnx, sdxl_
 
 def test_coco_mode_evaluates_an_sdxl_teacher_and_its_student(tmp_path, coco, micro_models, sdxl_teacher,  # noqa: F811 (the fixture)
                                                                sdxl_student):
-    """The paper's protocol with an SDXL teacher: every generator drawn at the student's resolution, resized
-    and scored as for SD."""
-    from src.evaluate import Paths, evaluate
+    """The paper's protocol with an SDXL teacher: every generator drawn at the student's resolution and resized
+    to COCO's 256 px as for SD (the scoring itself is SD's, run end to end by tests/test_evaluate_coco.py)."""
+    import torch
+
+    from src.evaluate import Paths, checked_records, generate_all, process_state
 
     models, _ = micro_models
     paths = Paths(eval_prompts=coco / "prompts" / "eval.jsonl", student=sdxl_student[0], images=tmp_path / "img",
                   reports=tmp_path / "rep")
-    metrics = evaluate(coco_cfg(coco, models), str(sdxl_teacher), paths)
-    assert set(metrics) == {"teacher_1", "teacher_2", "student_1"}
-    assert all(np.isfinite(m["fid"]) and -1 <= m["clip_score"] <= 1 for m in metrics.values())
-    drawn = [np.asarray(Image.open(p)) for p in sorted((paths.images / "student_1").glob("*.png"))]
-    assert drawn and all(d.shape == (256, 256, 3) for d in drawn)           # COCO's 256 px, from 128 px drawings
+    cfg = coco_cfg(coco, models)
+    records = checked_records(cfg, paths)
+    names = generate_all(cfg, str(sdxl_teacher), paths, records, torch.device("cpu"), process_state())
+    assert set(names) == {"teacher_1", "teacher_2", "student_1"}
+    for name in names:
+        drawn = [np.asarray(Image.open(p)) for p in sorted((paths.images / name).glob("*.png"))]
+        assert len(drawn) == len(records) and all(d.shape == (256, 256, 3) for d in drawn), name
+    assert not np.array_equal(*(np.asarray(Image.open(next((paths.images / n).glob("*.png"))))
+                                for n in ("teacher_2", "student_1")))
