@@ -16,7 +16,7 @@ def test_rehearsal_runs_every_stage_on_a_tiny_sd21_layout(tmp_path):
     legacy TorchScript exporter keeps it ~30 s shorter; the default dynamo exporter is exercised by the export
     tests and, at full size, by `python -m src.bench.exporter --arch sd21-base`."""
     s = Settings(resolution=64, steps=3, eval_prompts=2, teacher_steps=2, evaluate=False, exporter="torchscript")
-    entry = rehearse("sd21", "tiny", tmp_path / "w", s, limit_gb=20.0)
+    entry = rehearse("sd21", "micro", tmp_path / "w", s, limit_gb=20.0)
     stages = entry["stages"]
     assert stages["distill_killed"]["note"].startswith("killed"), stages
     failed = {k: v for k, v in stages.items() if k != "distill_killed" and not v["ok"]}
