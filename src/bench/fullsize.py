@@ -366,7 +366,9 @@ def check_serve(r: Rehearsal, prompt: str, seed: int, ready_within_s: float = 90
 
     if "serve" in r.finished:
         return
-    port, got = _free_port(), {}
+    from ..core.launch import free_port
+
+    port, got = free_port(), {}
     base = f"http://127.0.0.1:{port}"
 
     def client() -> None:
@@ -405,14 +407,6 @@ def check_serve(r: Rehearsal, prompt: str, seed: int, ready_within_s: float = 90
     if run.ok and (r.work / "serve.png").is_file():
         same = np.array_equal(np.asarray(Image.open(r.work / "serve.png")), np.asarray(Image.open(r.work / "infer_fp32.png")))
         r.out["serve"] = got | {"same_image_as_infer": bool(same)}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stock_psnr(work: Path) -> dict[str, float]:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ..artifact.lora import apply, extract, write
+from ..artifact.lora import DIFFUSERS_FILE, apply, extract, write
 from ..core.config import load_config
 from ..core.errors import UserError, run_cli
 from ..core.figures import sample_grid
 from ..core.fileio import atomic_file, write_json
 from ..core.prompts import read_prepared
+from ..lora import student_of
 from .common import machine
 
 RANKS = [4, 8, 16, 32, 64, 128, 256]
@@ -41,7 +42,7 @@ def rank_student(student: Path, teacher_unet, lora, out: Path) -> Path:
     return out
 
 
-def measure(cfg, teacher: str, work: Path, names: list[str], baseline: str) -> tuple[dict, dict]:
+def measure(cfg, work: Path, names: list[str], baseline: str) -> tuple[dict, dict]:
     """(metrics, intervals) of the named image folders in work/images, paired against `baseline`."""
     from ..evaluate import Paths, fid_statistic, intervals, measure_world, point_metrics
     from ..scoring.metrics import load_clip
@@ -72,15 +73,15 @@ def run(ranks: list[int], student: Path, work: Path, reports: Path, params: str)
             shutil.copytree(Path("eval_images") / name, work / "images" / name)
     records = read_prepared(Paths().eval_prompts, cfg.limit)
     prompts_digest = tree_digest(Paths().eval_prompts, cfg.limit, cfg.mode)
+    pipeline_class, timestep = student_of(student)
     student_unet = UNet2DConditionModel.from_pretrained(student, subfolder="unet")
     rows = []
     for rank in ranks:
         teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
         lora = extract(student_unet, teacher_unet, rank)
         folder = work / f"rank_{rank}"
-        m = write(folder / "lora", lora, "StableDiffusionPipeline", json.loads(
-            (student / "swiftbrush.json").read_text())["timestep"], "student_lora")
-        size = sum(f.stat().st_size for f in (folder / "lora").glob("pytorch_lora_weights.safetensors"))
+        m = write(folder / "lora", lora, pipeline_class, timestep, "student_lora")
+        size = (folder / "lora" / DIFFUSERS_FILE).stat().st_size
         pipe_dir = rank_student(student, teacher_unet, lora, folder / "student")
         name = f"rank_{rank}_1"
         gens = make_generators(cfg, teacher, pipe_dir, cfg.batch_size, student_name=f"rank_{rank}")
@@ -91,7 +92,7 @@ def run(ranks: list[int], student: Path, work: Path, reports: Path, params: str)
                      "file_mb": round(size / 2**20, 2)})
         print(f"rank {rank}: keeps {100 * m['kept_energy']:.2f}% of the weight change, {size / 2**20:.2f} MB",
               flush=True)
-    metrics, uncertainty = measure(cfg, teacher, work, [teacher_n, "student_1", *[r["name"] for r in rows]],
+    metrics, uncertainty = measure(cfg, work, [teacher_n, "student_1", *[r["name"] for r in rows]],
                                    "student_1")
     out = {"rows": rows, "metrics": metrics, "intervals": uncertainty, "teacher": teacher_n, "machine": machine(),
            "student_parameters": sum(p.numel() for p in student_unet.parameters())}
@@ -120,7 +121,7 @@ def report(out: dict) -> str:
     ci = unc.get("intervals", {})
     n = unc.get("prompts", "?")
     lines = ["# The student as a LoRA of its teacher: what each rank costs", "",
-             f"`python -m src.bench.lora_ranks` on {machine_line(out)}. The full student of `dvc repro` (UNet "
+             f"`python -m src.bench.lora_ranks` on {out.get('machine', 'this machine')}. The full student of `dvc repro` (UNet "
              f"{out['student_parameters'] / 1e6:.1f}M parameters) turned into a LoRA of the teacher by `python -m "
              "src.lora` (truncated SVD of each Linear and Conv2d weight change, rank r = min(rank, the layer's "
              "own)), added to the teacher's UNet as a LoRA loader adds it, and drawn in one step on the "
@@ -165,10 +166,6 @@ def default_rank(out: dict) -> int | None:
         if r["kept_energy"] >= KEEP and all(verdict(k, *vs[k]["interval"]) != "worse" for k in HEADLINE if k in vs):
             return r["rank"]
     return None
-
-
-def machine_line(out: dict) -> str:
-    return out.get("machine", "this machine")
 
 
 def main(argv: list[str] | None = None) -> None:
