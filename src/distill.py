@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -48,6 +49,7 @@ from .method.adapters import SCORE, STUDENT, adapter_params, adapter_state, adap
 from .method.conditioning import Conditioning, encode, encode_empty, family_of
 from .method.onestep import decode, initial_latents, one_step_images, one_step_scheduler, student_timestep, student_x0
 from .method.teacher import FROZEN, alphas_cumprod, frozen_parts, load_pipeline, load_tiny_decoder
+from .method.sid import SiDLoss
 from .method.vsd import LoRALoss, VSDLoss
 
 if TYPE_CHECKING:
@@ -103,7 +105,8 @@ def fingerprint(cfg: DistillConfig, lr: float, seed: int, inputs: str = "") -> s
     so that `dvc repro` after a code change trains afresh instead of reloading the old run.
     """
     ignore = {"checkpoint_every", "keep_checkpoints", "log_every", "val_every"}
-    if cfg.lr_schedule == "constant" and (cfg.clip_model is None or cfg.clip_schedule == "constant"):
+    if cfg.lr_schedule == "constant" and (cfg.clip_model is None or cfg.clip_schedule == "constant") \
+            and cfg.t_max_end is None:
         ignore.add("steps")          # a longer run without step-dependent schedules continues the same trajectory
     keep = cfg.model_dump(exclude=ignore)
     text = json.dumps({"distill": keep, "lr": lr, "seed": seed, "inputs": inputs}, sort_keys=True, default=str)
@@ -171,7 +174,7 @@ class Run:
     opt_student: torch.optim.Optimizer
     opt_lora: torch.optim.Optimizer
     ema: EMAModel | None
-    vsd_loss: VSDLoss
+    student_loss: VSDLoss | SiDLoss       # distill.loss
     lora_loss: LoRALoss
     clip_loss: ClipLoss | None
     clip_decoder: torch.nn.Module         # decodes x0 for the CLIP loss: the teacher's VAE or a tiny decoder
@@ -263,14 +266,36 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
         opt_student=torch.optim.Adam(student_params, lr=lr, **adam_options(cfg.adam_impl)),
         opt_lora=torch.optim.Adam(lora_params, lr=cfg.lora_lr, **adam_options(cfg.adam_impl)),
         ema=student_ema(student_params, cfg.ema_decay),
-        vsd_loss=VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, cfg.lora_guidance_scale,
-                         SCORE),
-        lora_loss=LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting, SCORE), clip_loss=clip_loss,
+        student_loss=student_loss(cfg, prediction), lora_loss=lora_loss(cfg, prediction), clip_loss=clip_loss,
         clip_decoder=clip_decoder,
         as_student=student_mode(cfg.student), uncond=uncond, abar=abar, t_student=t_student, prediction=prediction,
         frozen=frozen, shape=(student.config.in_channels, latent, latent), prompts=prompts, val_records=val_records,
         fingerprint=fingerprint(cfg, lr, seed, inputs_digest(
             paths.train_prompts, paths.tiny_decoder if cfg.clip_decoder == "tiny" else None)))
+
+
+def student_loss(cfg: DistillConfig, prediction: str) -> VSDLoss | SiDLoss:
+    """The student's distillation loss of distill.loss, with its guidance scales and timestep range."""
+    fake_scale = cfg.guidance_scale if cfg.lora_guidance_scale is None else cfg.lora_guidance_scale
+    if cfg.loss == "sid":
+        return SiDLoss(cfg.sid_alpha, cfg.guidance_scale, fake_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction,
+                       SCORE)
+    return VSDLoss(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.reduction, prediction, fake_scale, SCORE)
+
+
+def lora_loss(cfg: DistillConfig, prediction: str) -> LoRALoss:
+    """The LoRA teacher's denoising loss: SwiftBrush's (abar-weighted or uniform as set, t over the whole
+    schedule) or, for distill.loss: sid, SiD's (uniform, t in [t_min, t_max])."""
+    if cfg.loss == "sid":
+        return LoRALoss(cfg.p_uncond, prediction, "uniform", SCORE, cfg.lora_train_guidance_scale, cfg.t_min, cfg.t_max)
+    return LoRALoss(cfg.p_uncond, prediction, cfg.lora_weighting, SCORE, cfg.lora_train_guidance_scale)
+
+
+def t_max_at(cfg: DistillConfig, step: int) -> int:
+    """The distillation loss's highest timestep at `step`: t_max, or moved linearly from t_max to t_max_end."""
+    if cfg.t_max_end is None:
+        return cfg.t_max
+    return round(cfg.t_max + (cfg.t_max_end - cfg.t_max) * min(step, cfg.steps) / max(cfg.steps, 1))
 
 
 def resume(run: Run, cfg: DistillConfig, paths: Paths) -> None:
@@ -342,7 +367,7 @@ def phase(name: str):
 
 @dataclass
 class StepResult:
-    loss_vsd: torch.Tensor
+    loss_distill: torch.Tensor            # the distillation loss (VSD or SiD; its own name in `stats`)
     loss_lora: torch.Tensor
     grad_norm_student: float
     grad_norm_lora: float
@@ -364,15 +389,17 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
     with acc.autocast():
         with phase("student forward"), run.as_student(student):
             x0 = student_x0(student, z, cond, run.abar, run.prediction, run.t_student)  # (B, 4, h, w)
-        with phase("VSD scores (teacher, LoRA teacher)"):
-            loss_vsd, stats = run.vsd_loss(teacher, x0, cond, run.uncond, run.abar, gen)
-        loss_student = loss_vsd
+        loss_fn = run.student_loss if cfg.t_max_end is None else \
+            dataclasses.replace(run.student_loss, t_max=t_max_at(cfg, step))
+        with phase(f"{cfg.loss.upper()} scores (teacher, LoRA teacher)"):     # SiD builds a graph: no DDP wrapper
+            loss_distill, stats = loss_fn(acc.unwrap_model(teacher), x0, cond, run.uncond, run.abar, gen)
+        loss_student = loss_distill
         w_clip = clip_weight(cfg.clip_weight, step, cfg.steps, cfg.clip_schedule) if run.clip_loss else 0.0
         if w_clip > 0:      # v2: clamped CLIP loss on the decoded image, gradient through the frozen decoder
             with phase(f"CLIP loss forward ({cfg.clip_decoder} decode + CLIP)"):
                 loss_c, cstats = run.clip_loss(decode(run.clip_decoder, x0.to(run.clip_decoder.dtype)).float(),
                                                run.clip_loss.text_features(batch_prompts))
-            loss_student = loss_vsd + w_clip * loss_c
+            loss_student = loss_distill + w_clip * loss_c
             stats.update(cstats)
     with phase("student backward"), run.as_student(student):  # checkpointed blocks recompute under their adapter
         acc.backward(loss_student)
@@ -396,7 +423,7 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
     if run.ema is not None and ok_s:
         with phase("EMA"):
             run.ema.step(run.student_params)
-    return StepResult(loss_vsd, loss_lora, float(gnorm_s), float(gnorm_l), ok_s, ok_l, stats, w_clip)
+    return StepResult(loss_distill, loss_lora, float(gnorm_s), float(gnorm_l), ok_s, ok_l, stats, w_clip)
 
 
 def step_draws(run: Run, cfg: DistillConfig, seed: int, step: int, rank: int = 0,
@@ -448,7 +475,8 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
             t_log, samples_seen = time.perf_counter(), 0
             for k, v in row.items():
                 live.log_metric(f"train/{k}", v)
-            bar.set_postfix(vsd=f"{row['loss_vsd']:.2e}", lora=f"{row['loss_lora']:.3f}", refresh=False)
+            bar.set_postfix({cfg.loss: f"{row[f'loss_{cfg.loss}']:.2e}", "lora": f"{row['loss_lora']:.3f}"},
+                            refresh=False)
         if (main_process or sharded) and run.val_records and (done % cfg.val_every == 0 or done == cfg.steps):
             with shipped_weights(run.student_params, run.ema), run.as_student(run.student):   # sharded: every
                 val = validate(run.pipe, acc.unwrap_model(run.student), run.val_records, run.abar,  # rank runs it
@@ -499,14 +527,13 @@ def count_nonfinite(nonfinite: dict[str, int], out: StepResult, limit: int, step
 def train_row(out: StepResult, cfg: DistillConfig, lr_now: float, dt: float, samples_seen: int,
               skipped: int) -> dict[str, float]:
     """The logged training metrics of one step (`dt`: seconds since the last logged step)."""
-    row = {"loss_vsd": out.loss_vsd.item(), "loss_lora": out.loss_lora.item(),
+    row = {**{k: float(v) for k, v in out.stats.items()}, "loss_lora": out.loss_lora.item(),
            "grad_norm_student": out.grad_norm_student, "grad_norm_lora": out.grad_norm_lora,
-           "vsd_grad_norm": float(out.stats["vsd_grad_norm"]), "lr": lr_now, "lora_lr": cfg.lora_lr,
+           "lr": lr_now, "lora_lr": cfg.lora_lr,
            "steps_per_s": cfg.log_every / dt if dt else 0.0,
            "samples_per_s": samples_seen / dt if dt else 0.0, "skipped_steps": skipped}
     if "loss_clip" in out.stats:
-        row.update(loss_clip=float(out.stats["loss_clip"]), clip_cos=float(out.stats["clip_cos"]),
-                   clip_weight=out.clip_weight)
+        row["clip_weight"] = out.clip_weight
     return row
 
 

@@ -44,6 +44,9 @@ def test_unknown_nested_key_is_named_with_its_path():
     ({"prepare": {"max_tokens": "many"}}, "prepare.max_tokens", "valid integer"),
     ({"prepare": {"train": {"source": "jsonl", "path": "x"}}}, "prepare.train.source", "'world', 'text'"),
     ({"prepare": {"eval": {"source": "world", "limit": 0}}}, "prepare.eval.limit", "greater than or equal to 1"),
+    ({"distill": {"loss": "dmd"}}, "distill.loss", "'vsd' or 'sid'"),
+    ({"distill": {"t_max_end": 990}}, "distill", "t_max_end (990) must lie in [t_min, t_max] = [20, 980]"),
+    ({"distill": {"loss": "sid", "gradient_checkpointing": True}}, "distill", "loss: sid"),
 ])
 def test_bad_values_name_the_key_and_the_allowed_range(raw, key, words):
     msg = _error(raw)

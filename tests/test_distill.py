@@ -77,6 +77,27 @@ def test_distill_writes_a_one_step_pipeline_that_matches_the_shared_generator(tm
     assert diff > 0
 
 
+def test_sid_with_lsg_guidance_and_an_annealed_range_trains_end_to_end(tmp_path, micro_models, world_prompts):
+    """distill.loss: sid on the micro teacher: it logs SiD's loss, moves the student, and the loss's t range
+    narrows over the run as t_max_end asks."""
+    from src.distill import t_max_at
+    from src.method.teacher import load_pipeline
+
+    models, _ = micro_models
+    paths = _paths(tmp_path, world_prompts)
+    cfg = DistillConfig(teacher=str(models / "teacher"), loss="sid", guidance_scale=2.0, lora_guidance_scale=1.5,
+                        lora_train_guidance_scale=1.5, t_max_end=500, **FAST)
+    assert [t_max_at(cfg, s) for s in (0, 2, 4, 9)] == [980, 740, 500, 500]
+    result = distill(cfg, lr=1e-4, seed=0, paths=paths)
+    assert result["skipped_steps"] == 0
+    logged = paths.reports / "live" / "plots" / "metrics" / "train"
+    assert (logged / "loss_sid.tsv").is_file() and (logged / "score_gap.tsv").is_file()
+    assert not (logged / "loss_vsd.tsv").exists()
+    student = load_pipeline(str(paths.student)).unet
+    teacher = load_pipeline(str(models / "teacher")).unet
+    assert sum((a - b).abs().sum() for a, b in zip(student.parameters(), teacher.parameters())) > 0
+
+
 def test_student_lr_schedules():
     from src.distill import fingerprint, student_lr
 

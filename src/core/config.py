@@ -130,8 +130,19 @@ class DistillConfig(Section):
     student_timestep: int | None = Field(
         None, ge=1, le=999, description="timestep the student is told its pure-noise input is at; null = T-1 "
                                         "(paper: 999). x0 is read with abar at this t (DMD2's SDXL one-step: 399)")
-    t_min: int = Field(20, ge=0, le=999, description="VSD timestep range, low end (paper: 20)")
-    t_max: int = Field(980, ge=0, le=999, description="VSD timestep range, high end (paper: 980)")
+    loss: Literal["vsd", "sid"] = Field(
+        "vsd", description="the student's distillation loss: vsd (SwiftBrush's variational score distillation) or "
+                           "sid (score identity distillation, SiD-LSG: gradient through both scores; its LoRA-teacher "
+                           "update is SiD's: uniform epsilon MSE over t in [t_min, t_max]). docs/method.md")
+    sid_alpha: float = Field(1.2, ge=0.0, le=10.0, description="SiD's alpha (paper: 1.2; its SD scripts: 1)")
+    lora_train_guidance_scale: float = Field(
+        1.0, ge=1.0, le=50.0, description="CFG on the LoRA teacher inside its own denoising loss (SiD-LSG's "
+                                          "kappa_1; 1 = its conditional branch alone, SwiftBrush)")
+    t_min: int = Field(20, ge=0, le=999, description="distillation-loss timestep range, low end (paper: 20)")
+    t_max: int = Field(980, ge=0, le=999, description="distillation-loss timestep range, high end (paper: 980)")
+    t_max_end: int | None = Field(
+        None, ge=0, le=999, description="anneal the range's high end linearly from t_max to this over the run "
+                                        "(lower noise levels late, as score distillation for 3D does); null = fixed")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="student lr over the run: constant (paper) or cosine down to lr / 10")
     lora_weighting: Literal["abar", "uniform"] = Field(
@@ -169,6 +180,12 @@ class DistillConfig(Section):
     def _check_range(self) -> "DistillConfig":
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        if self.t_max_end is not None and not self.t_min <= self.t_max_end <= self.t_max:
+            raise ValueError(f"t_max_end ({self.t_max_end}) must lie in [t_min, t_max] = [{self.t_min}, {self.t_max}]")
+        if self.loss == "sid" and (self.sharding == "fsdp" or self.gradient_checkpointing):
+            raise ValueError("loss: sid takes its gradient through the teacher's and the LoRA teacher's passes, which "
+                             "sharding: fsdp and gradient_checkpointing (blocks recomputed under the student's adapter "
+                             "state) do not support; use sharding: none and gradient_checkpointing: false")
         if self.teacher.endswith(".safetensors") and self.teacher_config is None:
             raise ValueError(f"teacher {self.teacher!r} is one checkpoint file: set teacher_config to its architecture "
                              "(sd15, sd21-base, sd21, sdxl, or a diffusers folder with matching configs)")

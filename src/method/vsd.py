@@ -148,28 +148,33 @@ class VSDLoss:
 class LoRALoss:
     """LoRA-teacher loss: denoising score matching on the (detached) student samples.
 
-    t ~ U{0..T-1}; each prompt is replaced by the empty prompt with probability `p_uncond`;
-    the per-sample epsilon MSE is weighted by abar_t (the official code's weighting).
+    t ~ U{t_min..t_max} (SwiftBrush: 0..T-1); each prompt is replaced by the empty prompt with
+    probability `p_uncond`; the per-sample epsilon MSE is weighted by abar_t (the official code's
+    weighting) or not. `guidance_scale` != 1 fits the LoRA teacher's CFG combination of its two branches
+    to the noise instead of its conditional branch (SiD-LSG's kappa_1).
     """
 
     p_uncond: float = 0.1                # paper: 0.1
     prediction_type: PredictionType = "epsilon"
-    weighting: Literal["abar", "uniform"] = "abar"   # official code: abar_t; uniform = plain DDPM loss
+    weighting: Literal["abar", "uniform"] = "abar"   # official code: abar_t; uniform = plain DDPM loss (SiD)
     adapter: str | None = None           # the LoRA teacher's adapter name (None: the active one)
+    guidance_scale: float = 1.0          # SwiftBrush: 1 (the conditional branch alone)
+    t_min: int = 0
+    t_max: int | None = None             # None: T-1
 
     def __call__(self, unet, x0: torch.Tensor, cond: Conditioning | torch.Tensor, uncond: Conditioning | torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
         b = x0.shape[0]
         x0 = x0.detach()
-        t = torch.randint(0, len(alphas_cumprod), (b,), generator=generator).to(x0.device)
+        high = len(alphas_cumprod) - 1 if self.t_max is None else self.t_max
+        t = torch.randint(self.t_min, high + 1, (b,), generator=generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         drop = torch.rand(b, generator=generator).to(x0.device) < self.p_uncond
         emb = as_conditioning(cond).where(drop, as_conditioning(uncond).expand(b))
         abar_t = alphas_cumprod.to(x0.device)[t]
         x_t = add_noise(x0, eps, abar_t)
         with adapters(unet, enabled=True, name=self.adapter):
-            out = unet(x_t, t, **emb.unet_kwargs()).sample
-        eps_pred = eps_from_output(x_t, out, abar_t, self.prediction_type)
+            eps_pred = guided_eps(unet, x_t, t, abar_t, emb, uncond, self.guidance_scale, self.prediction_type)
         per_sample = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").mean(dim=(1, 2, 3))
         weight = abar_t.float() if self.weighting == "abar" else torch.ones_like(per_sample)
         loss = (per_sample * weight).mean()
