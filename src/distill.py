@@ -47,7 +47,8 @@ from .core.prompts import derive_seed, read_prepared
 from .core.sharding import full, load_sharded, move_files, save_sharded, shard_by_size
 from .method.adapters import SCORE, STUDENT, adapter_params, adapter_state, adapters, merge_adapter
 from .method.conditioning import Conditioning, encode, encode_empty, family_of
-from .method.onestep import decode, initial_latents, one_step_images, one_step_scheduler, student_timestep, student_x0
+from .method.onestep import (decode, initial_latents, one_step_images, one_step_scheduler, student_sample,
+                             student_timestep, student_timesteps)
 from .method.teacher import FROZEN, alphas_cumprod, frozen_parts, load_pipeline, load_tiny_decoder
 from .method.sid import SiDLoss
 from .method.vsd import LoRALoss, VSDLoss
@@ -134,10 +135,11 @@ def clip_weight(base: float, step: int, total: int, schedule: str) -> float:
     return base if schedule == "constant" else base * max(0.0, 1 - step / max(total, 1))
 
 
-def save_student(out: Path, pipe, student, timestep: int, lora: Extracted | None = None) -> None:
+def save_student(out: Path, pipe, student, timestep: int, lora: Extracted | None = None, steps: int = 1) -> None:
     """A complete diffusers pipeline of the teacher's family: student UNet, the teacher's other parts, a
     one-step scheduler at the student's timestep (one DDIM step there with alpha_prev = 1 returns exactly
-    its x0); for a LoRA student also its adapter as `lora/` (diffusers' and kohya's formats, for the teacher)."""
+    its x0); for a LoRA student also its adapter as `lora/` (diffusers' and kohya's formats, for the teacher).
+    An N-step student records its step count and timesteps in swiftbrush.json (read back by `steps_of`)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = one_step_scheduler(pipe.scheduler, timestep)
@@ -152,10 +154,15 @@ def save_student(out: Path, pipe, student, timestep: int, lora: Extracted | None
                                       feature_extractor=None, requires_safety_checker=False)
     with atomic_dir(out) as tmp:
         one.save_pretrained(tmp, safe_serialization=True)
+        timesteps = student_timesteps(timestep, steps)
         made = {"one_step": True, "num_inference_steps": 1, "guidance_scale": 1.0, "timestep": timestep,
                 "note": "call the pipeline with num_inference_steps=1, guidance_scale=1.0"}
+        if steps > 1:
+            made |= {"one_step": False, "num_inference_steps": steps, "timesteps": timesteps,
+                     "note": f"call the pipeline with LCMScheduler, num_inference_steps={steps}, "
+                             f"timesteps={timesteps}, guidance_scale=0 (README.md)"}
         (tmp / "swiftbrush.json").write_text(json.dumps(made, indent=2))
-        (tmp / "README.md").write_text(student_card(type(one).__name__, timestep, made))
+        (tmp / "README.md").write_text(student_card(type(one).__name__, timesteps, made))
         if lora is not None:
             write_lora(tmp / "lora", lora, type(one).__name__, timestep, "student_lora")
 
@@ -182,6 +189,7 @@ class Run:
     uncond: Conditioning                  # the empty prompt's (a batch of one; SDXL base: zeros)
     abar: torch.Tensor
     t_student: int
+    timesteps: list[int]                  # the student's steps: [t_student] for one, then lower (student_steps)
     prediction: str
     frozen: torch.dtype
     shape: tuple[int, int, int]           # the student's latent (C, h, w)
@@ -268,7 +276,8 @@ def setup(cfg: DistillConfig, lr: float, seed: int, paths: Paths) -> Run:
         ema=student_ema(student_params, cfg.ema_decay),
         student_loss=student_loss(cfg, prediction), lora_loss=lora_loss(cfg, prediction), clip_loss=clip_loss,
         clip_decoder=clip_decoder,
-        as_student=student_mode(cfg.student), uncond=uncond, abar=abar, t_student=t_student, prediction=prediction,
+        as_student=student_mode(cfg.student), uncond=uncond, abar=abar, t_student=t_student,
+        timesteps=student_timesteps(t_student, cfg.student_steps), prediction=prediction,
         frozen=frozen, shape=(student.config.in_channels, latent, latent), prompts=prompts, val_records=val_records,
         fingerprint=fingerprint(cfg, lr, seed, inputs_digest(
             paths.train_prompts, paths.tiny_decoder if cfg.clip_decoder == "tiny" else None)))
@@ -385,10 +394,12 @@ def train_step(run: Run, cfg: DistillConfig, batch_prompts: list[str], z: torch.
     with phase("text encoder"):
         cond = encode(run.pipe, batch_prompts, acc.device, run.shape[-1]).float()       # context (B, 77, D), ...
 
-    # 1-2. student update: VSD gradient through x0 = f(student(z, t_s, c))
+    # 1-2. student update: VSD (or SiD) gradient through x0 = f(student(z, t_s, c)); an N-step student trains
+    # one of its steps, drawn per batch, on the input its own earlier steps make (backward simulation)
+    k = int(torch.randint(len(run.timesteps), (1,), generator=gen)) if len(run.timesteps) > 1 else 0
     with acc.autocast():
         with phase("student forward"), run.as_student(student):
-            x0 = student_x0(student, z, cond, run.abar, run.prediction, run.t_student)  # (B, 4, h, w)
+            x0 = student_sample(student, z, cond, run.abar, run.prediction, run.timesteps, stop_at=k)  # (B, 4, h, w)
         loss_fn = run.student_loss if cfg.t_max_end is None else \
             dataclasses.replace(run.student_loss, t_max=t_max_at(cfg, step))
         with phase(f"{cfg.loss.upper()} scores (teacher, LoRA teacher)"):     # SiD builds a graph: no DDP wrapper
@@ -433,7 +444,8 @@ def step_draws(run: Run, cfg: DistillConfig, seed: int, step: int, rank: int = 0
     (seed, rank, step) only, so a resumed run continues exactly."""
     gen = torch.Generator().manual_seed(derive_seed(seed, "distill", rank, step))
     idx = batch_indices(len(run.prompts), cfg.batch_size, step, rank, world, seed)
-    z = initial_latents([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], run.shape)
+    noise_shape = (run.shape[0] * len(run.timesteps), *run.shape[1:])     # an N-step student: N latents' noise
+    z = initial_latents([int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in idx], noise_shape)
     return gen, idx, z
 
 
@@ -480,7 +492,7 @@ def distill(cfg: DistillConfig, lr: float, seed: int, paths: Paths = Paths()) ->
         if (main_process or sharded) and run.val_records and (done % cfg.val_every == 0 or done == cfg.steps):
             with shipped_weights(run.student_params, run.ema), run.as_student(run.student):   # sharded: every
                 val = validate(run.pipe, acc.unwrap_model(run.student), run.val_records, run.abar,  # rank runs it
-                               run.t_student)
+                               run.t_student, len(run.timesteps))
             if main_process:
                 history.append({"step": done, **val})
                 for k, v in val.items():
@@ -561,7 +573,7 @@ def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: li
             final = merge_adapter(run.teacher, STUDENT).eval()
             lora = from_adapter(run.teacher, STUDENT)      # copies: also the EMA weights
     if run.val_records:
-        result["final"] = validate(run.pipe, final, run.val_records, run.abar, run.t_student)
+        result["final"] = validate(run.pipe, final, run.val_records, run.abar, run.t_student, len(run.timesteps))
     final = final.to(memory_format=torch.contiguous_format)                        # safetensors wants contiguous
     pipe = run.pipe
     if run.frozen != torch.float32:     # ship the teacher's own float32 text encoder(s) and VAE, not rounded copies
@@ -569,7 +581,7 @@ def finish(run: Run, cfg: DistillConfig, paths: Paths, result: dict, history: li
             setattr(pipe, name, None)
         for name, part in frozen_parts(cfg.teacher, torch.float32).items():
             setattr(pipe, name, part)
-    save_student(paths.student, pipe, final, run.t_student, lora)
+    save_student(paths.student, pipe, final, run.t_student, lora, len(run.timesteps))
     write_json(paths.reports / "metrics.json", {k: v for k, v in result.items() if k != "validation"}
                | {"val_curve": history})
 
@@ -762,14 +774,15 @@ def _save_checkpoint(root: Path, step: int, fp: str, live_step: int, keep: int, 
 
 
 @torch.no_grad()
-def validate(pipe, student, records: list[dict], abar: torch.Tensor, timestep: int | None = None) -> dict[str, float]:
-    """One-step samples for fixed eval prompts; judge accuracy when the prompts carry attributes."""
+def validate(pipe, student, records: list[dict], abar: torch.Tensor, timestep: int | None = None,
+             steps: int = 1) -> dict[str, float]:
+    """The student's samples for fixed eval prompts; judge accuracy when the prompts carry attributes."""
     from .world import accuracy, read_scene, score
 
     was_training = student.training
     student.eval()
     images = one_step_images(pipe, student, [r["prompt"] for r in records], [r["seed"] for r in records], abar,
-                      device=next(student.parameters()).device, timestep=timestep)
+                             device=next(student.parameters()).device, timestep=timestep, steps=steps)
     student.train(was_training)
     out = {"mean_pixel_std": float(images.reshape(len(images), -1).std(axis=1).mean() / 255)}
     if all("attributes" in r for r in records):

@@ -52,7 +52,7 @@ from .core.prompts import read_prepared
 from .core.text import padded_token_ids
 from .method.conditioning import family_of, pixel_size, sdxl_conditioning, time_ids
 from .method.noise import initial_noise
-from .method.onestep import decode, student_x0, timestep_of
+from .method.onestep import decode, steps_of, student_sample, student_timesteps, timestep_of
 from .method.teacher import alphas_cumprod, load_pipeline, with_tiny_decoder
 
 
@@ -74,11 +74,11 @@ class OneStepGraph(torch.nn.Module):
         self.text_encoder, self.unet, self.vae = pipe.text_encoder, pipe.unet, pipe.vae
         self.register_buffer("abar", alphas_cumprod(pipe), persistent=False)
         self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-        self.timestep = timestep_of(pipe)
+        self.timesteps = student_timesteps(timestep_of(pipe), steps_of(pipe))
 
     def forward(self, input_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         text = self.text_encoder(input_ids)[0]
-        return decode(self.vae, student_x0(self.unet, noise, text, self.abar, self.prediction, self.timestep))
+        return decode(self.vae, student_sample(self.unet, noise, text, self.abar, self.prediction, self.timesteps))
 
 
 class OneStepGraphXL(torch.nn.Module):
@@ -93,13 +93,13 @@ class OneStepGraphXL(torch.nn.Module):
         self.register_buffer("abar", alphas_cumprod(pipe), persistent=False)
         self.register_buffer("time_ids", time_ids(pixel_size(pipe), 1), persistent=False)
         self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-        self.timestep = timestep_of(pipe)
+        self.timesteps = student_timesteps(timestep_of(pipe), steps_of(pipe))
 
     def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         text = sdxl_conditioning(self.text_encoder(input_ids, output_hidden_states=True),
                                  self.text_encoder_2(input_ids_2, output_hidden_states=True),
                                  self.time_ids.expand(noise.shape[0], -1))
-        x0 = student_x0(self.unet, noise, text, self.abar, self.prediction, self.timestep)
+        x0 = student_sample(self.unet, noise, text, self.abar, self.prediction, self.timesteps)
         return decode(self.vae, x0.to(self.vae.dtype))
 
 
@@ -135,19 +135,26 @@ def contract(pipe) -> dict:
 
 
 def sd_contract(pipe) -> dict:
+    """An N-step student's noise is N latents deep (its initial latent, then the noise each later step adds):
+    `latent_shape` is the noise input's per-sample shape, and `steps` / `timesteps` say how it is used."""
     tok, unet = pipe.tokenizer, pipe.unet
-    return {
-        "inputs": {"input_ids": ["batch", tok.model_max_length], "noise": ["batch", unet.config.in_channels,
+    timesteps = student_timesteps(timestep_of(pipe), steps_of(pipe))
+    channels = unet.config.in_channels * len(timesteps)
+    few = {"steps": len(timesteps), "timesteps": timesteps} if len(timesteps) > 1 else {}
+    return few | {
+        "inputs": {"input_ids": ["batch", tok.model_max_length], "noise": ["batch", channels,
                                                                              unet.config.sample_size,
                                                                              unet.config.sample_size]},
         "outputs": {"images": ["batch", 3, "H", "W"], "range": [0.0, 1.0]},
         "max_length": tok.model_max_length,
         "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
-        "latent_shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size],
+        "latent_shape": [channels, unet.config.sample_size, unet.config.sample_size],
         "timestep": timestep_of(pipe),
         "decoder": type(pipe.vae).__name__,
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
-        "noise": "sample i: numpy.random.default_rng(seed_i).standard_normal(latent_shape, dtype=float32)",
+        "noise": "sample i: numpy.random.default_rng(seed_i).standard_normal(latent_shape, dtype=float32)" + (
+            f"; channels [0, {unet.config.in_channels}) are the initial latent, each next {unet.config.in_channels} "
+            "the noise added before the next step" if few else ""),
     }
 
 

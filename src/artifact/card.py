@@ -23,10 +23,12 @@ def fusion_note(m: dict) -> str:
 def model_card(student: Path, c: dict, m: dict, cfg: ExportConfig) -> str:
     made = json.loads((student / "swiftbrush.json").read_text()) if (student / "swiftbrush.json").is_file() else {}
     shape = "x".join(map(str, c["latent_shape"]))
-    return f"""# One-step SwiftBrush student (ONNX)
+    n = c.get("steps", 1)
+    head, per_image = ("One-step", "One network evaluation") if n == 1 else (f"{n}-step", f"{n} UNet evaluations")
+    return f"""# {head} SwiftBrush student (ONNX)
 
 A text-to-image generator distilled from a Stable-Diffusion-style teacher with SwiftBrush
-(variational score distillation, no training images). One network evaluation per image.
+(variational score distillation, no training images). {per_image} per image.
 
 | file | what |
 |---|---|
@@ -41,10 +43,10 @@ A text-to-image generator distilled from a Stable-Diffusion-style teacher with S
 | name | type | shape | meaning |
 |---|---|---|---|
 | `input_ids` | int64 | (batch, {c['max_length']}) | token ids: BOS ({c['bos_id']}), prompt, EOS ({c['eos_id']}), padded with {c['pad_id']}; longer prompts are cut to {c['max_length']} (EOS kept last) |
-{second_input(c)}| `noise` | float32 | (batch, {shape}) | initial latent, standard normal; `numpy.random.default_rng(seed).standard_normal(({', '.join(map(str, c['latent_shape']))}), dtype=numpy.float32)` per image |
+{second_input(c)}| `noise` | float32 | (batch, {shape}) | {noise_meaning(c)}, standard normal; `numpy.random.default_rng(seed).standard_normal(({', '.join(map(str, c['latent_shape']))}), dtype=numpy.float32)` per image |
 | `images` | float32 | (batch, 3, H, W) | RGB in [0, 1] |
 
-Inside: text encoder -> student UNet at t = {c['timestep']} ({c['prediction_type']} prediction) -> clean
+Inside: text encoder -> {inside(c)} ({c['prediction_type']} prediction) -> clean
 latent x0 -> {'the tiny decoder (TAESD format)' if c['decoder'] == 'AutoencoderTiny' else 'VAE'} decode. No guidance at inference (the student learned the guided teacher).
 {fusion_note(m)}
 
@@ -68,8 +70,24 @@ Parity with the PyTorch student on {m['parity_prompts']} eval prompts and their 
 The PyTorch student it was exported from (`{student}`) draws the same images with stock diffusers:
 
 {stock_calls("StableDiffusionXLPipeline" if c.get("family") == "sdxl" else "StableDiffusionPipeline",
-             str(student), c["timestep"])}
+             str(student), c.get("timesteps", [c["timestep"]]))}
 """
+
+
+def noise_meaning(c: dict) -> str:
+    """What the noise input holds: the initial latent, or an N-step student's N latents of noise."""
+    if c.get("steps", 1) == 1:
+        return "initial latent"
+    per = c["latent_shape"][0] // c["steps"]
+    return f"the initial latent (channels 0-{per - 1}), then the noise each later step adds ({per} channels each)"
+
+
+def inside(c: dict) -> str:
+    """The student's part of the graph, as the card's 'Inside' line names it."""
+    if c.get("steps", 1) == 1:
+        return f"student UNet at t = {c['timestep']}"
+    return (f"student UNet at t = {', '.join(map(str, c['timesteps']))} (each step's clean latent noised again to "
+            f"the next timestep)")
 
 
 def second_input(c: dict) -> str:
@@ -82,8 +100,27 @@ def second_input(c: dict) -> str:
             f"time ids ({c['resolution']} px) are computed inside |\n")
 
 
-def stock_calls(pipeline_class: str, folder: str, timestep: int) -> str:
-    """The stock diffusers calls that draw a student folder in one step (for its card and the ONNX card)."""
+def stock_calls(pipeline_class: str, folder: str, timesteps: list[int]) -> str:
+    """The stock diffusers calls that draw a student folder (for its card and the ONNX card): one step, or an
+    N-step student's LCM call."""
+    if len(timesteps) > 1:
+        return f"""```python
+import torch
+from diffusers import LCMScheduler, {pipeline_class}
+
+pipe = {pipeline_class}.from_pretrained("{folder}", torch_dtype=torch.float16).to("cuda")
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+image = pipe(prompt, num_inference_steps={len(timesteps)}, timesteps={timesteps}, guidance_scale=0).images[0]
+```
+
+LCM's scheduler does what the student was trained for: each step's clean-image estimate is noised again
+to the next timestep with fresh noise, and the last step returns its estimate. With the same initial
+latent and the same added noise it draws the image `python -m src.infer` draws (within 1/255 in
+float32; tested); diffusers draws the added noise from its own generator, so a seed gives another
+picture than `src.infer`'s. Guidance is off (`guidance_scale` 0): the student learned the guided teacher.
+The folder's own scheduler takes the first step only: `pipe(prompt, num_inference_steps=1,
+guidance_scale=1.0)` draws this student's one-step image."""
+    timestep = timesteps[0]
     return f"""```python
 import torch
 from diffusers import LCMScheduler, {pipeline_class}
@@ -103,17 +140,21 @@ float32; tested). Guidance is off in both (`guidance_scale` 1.0 or 0): the stude
 guided teacher, and a second, unconditional pass would only cost time."""
 
 
-def student_card(pipeline_class: str, timestep: int, made: dict) -> str:
+def student_card(pipeline_class: str, timesteps: list[int], made: dict) -> str:
     """README.md of a student pipeline folder: what it is and the stock calls that draw it."""
-    return f"""# One-step SwiftBrush student ({pipeline_class})
+    if len(timesteps) > 1:
+        head, what = f"{len(timesteps)}-step", f"{len(timesteps)} UNet evaluations per image, at timesteps {timesteps}"
+    else:
+        head, what = "One-step", f"one UNet evaluation per image, at timestep {timesteps[0]}"
+    return f"""# {head} SwiftBrush student ({pipeline_class})
 
 A text-to-image generator distilled from a Stable-Diffusion-style teacher with SwiftBrush (variational
-score distillation, no training images): one UNet evaluation per image, at timestep {timestep}.
+score distillation, no training images): {what}.
 The other parts (text encoder(s), VAE, tokenizer(s)) are the teacher's, unchanged.
 
 ## Draw it with stock diffusers
 
-{stock_calls(pipeline_class, "path/to/this/folder", timestep)}
+{stock_calls(pipeline_class, "path/to/this/folder", timesteps)}
 
 The ONNX artifact of this student (`python -m src.export`) runs the same generator without PyTorch.
 

@@ -138,6 +138,10 @@ class DistillConfig(Section):
     lora_train_guidance_scale: float = Field(
         1.0, ge=1.0, le=50.0, description="CFG on the LoRA teacher inside its own denoising loss (SiD-LSG's "
                                           "kappa_1; 1 = its conditional branch alone, SwiftBrush)")
+    student_steps: int = Field(
+        1, ge=1, le=8, description="the student's steps: 1 (SwiftBrush) or N, at t_s and evenly below (N = 4, t_s = "
+                                   "999: DMD2's [999, 749, 499, 249]), trained by backward simulation: each batch "
+                                   "trains one step on the input the student's own earlier steps make")
     t_min: int = Field(20, ge=0, le=999, description="distillation-loss timestep range, low end (paper: 20)")
     t_max: int = Field(980, ge=0, le=999, description="distillation-loss timestep range, high end (paper: 980)")
     t_max_end: int | None = Field(
