@@ -43,6 +43,10 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     "tmax700": (["distill.t_max=700"], "VSD, t in [20, 700]"),
     "cfg3": (["distill.guidance_scale=3.0"], "VSD, teacher CFG 3"),
     "cfg6": (["distill.guidance_scale=6.0"], "VSD, teacher CFG 6"),
+    "steps2": (["distill.student_steps=2"], "VSD, a 2-step student (t = 599, 299), backward simulation"),
+    "steps4": (["distill.student_steps=4"], "VSD, a 4-step student (t = 599, 449, 299, 149), backward simulation"),
+    "steps4_t999": (["distill.student_steps=4", "distill.student_timestep=999"],
+                    "VSD, a 4-step student at DMD2's timesteps (999, 749, 499, 249)"),
 }
 
 
@@ -78,6 +82,38 @@ def run_recipe(name: str, seed: int, steps: int | None) -> dict:
     write_json(OUT / f"{tag}.json", row)
     shutil.copyfile(work / "eval" / "grid.png", OUT / f"{tag}.png")
     return row
+
+
+def speed(tags: list[str], batch: int = 16, repeats: int = 5) -> dict:
+    """Images/s of the ONNX artifact (fp32, CPU) of each finished run against the pipeline's own (models/onnx),
+    timed in turns on the same machine: what each extra step costs users of `src.infer` and `src.serve`."""
+    from ..core.prompts import read_prepared
+    from ..export import Paths as ExportPaths
+    from ..export import export
+    from ..method.noise import initial_noise
+    from ..serving.runtime import load_artifact
+    from .common import round_robin
+
+    folders = {"default": Path("models/onnx")}
+    for tag in tags:
+        out = WORK / tag / "onnx"
+        if not (out / "manifest.json").is_file():
+            export(load_config().export, ExportPaths(student=WORK / tag / "student", out=out,
+                                                     reports=WORK / tag / "export"))
+        folders[tag] = out
+    prompts = [r["prompt"] for r in read_prepared(Path("prompts/eval.jsonl"), batch)]
+    calls, steps = {}, {}
+    for tag, folder in folders.items():
+        art = load_artifact(folder)
+        ids, _ = art.token_ids(prompts)
+        noise = initial_noise(list(range(batch)), tuple(art.contract["latent_shape"]))
+        calls[tag] = lambda art=art, ids=ids, noise=noise: art.run(ids, noise)
+        steps[tag] = art.contract.get("steps", 1)
+    seconds = round_robin(calls, repeats)
+    rows = {tag: {"steps": steps[tag], "batch": batch, "s_per_batch": round(t, 4), "images_per_s": round(batch / t, 1)}
+            for tag, t in seconds.items()}
+    write_json(OUT / "speed.json", {"machine": machine(), "rows": rows})
+    return rows
 
 
 def default_row() -> dict:
@@ -129,6 +165,17 @@ def report() -> str:
     for name, (overrides, what) in RECIPES.items():
         if any(r["recipe"] == name for r in ran):
             lines.append(f"| {name} | {' '.join(f'`{o}`' for o in overrides)} | {what} |")
+    if (OUT / "speed.json").is_file():
+        timed = json.loads((OUT / "speed.json").read_text())
+        lines += ["", "## What each step costs", "",
+                  f"ONNX Runtime, fp32, CPU provider, batch {next(iter(timed['rows'].values()))['batch']}, "
+                  f"on {timed['machine']}; each artifact exported by `src.export` from the run's student and timed "
+                  "in turns with the others (`python -m src.bench.quality --speed ...`).", "",
+                  "| student | steps | s per batch | images/s | vs the one-step default |", "|---|---|---|---|---|"]
+        base = timed["rows"]["default"]["images_per_s"]
+        for tag, r in timed["rows"].items():
+            lines.append(f"| {tag} | {r['steps']} | {r['s_per_batch']:.3f} | {r['images_per_s']:.1f} | "
+                         f"{r['images_per_s'] / base:.2f}x |")
     lines += ["", "## Samples", ""]
     for r in ran:
         tag = f"{r['recipe']}_s{r['seed']}" + (f"_{r['steps']}" if f"distill.steps={r['steps']}" in r["overrides"]
@@ -142,13 +189,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", nargs="*", default=[], help=f"recipes to train and evaluate: {', '.join(RECIPES)}")
     parser.add_argument("--seed", type=int, default=0, help="root seed of the runs (prompts, noise, draws)")
     parser.add_argument("--steps", type=int, default=None, help="distill.steps (default: params.yaml's)")
+    parser.add_argument("--speed", nargs="*", default=[], metavar="RUN",
+                        help="finished runs (e.g. steps2_s0) to export and time against models/onnx")
     parser.add_argument("--report", action="store_true", help=f"write {REPORT} from every finished run")
     args = parser.parse_args(argv)
-    if not args.run and not args.report:
-        parser.error("nothing to do: give --run RECIPE... and/or --report")
+    if not args.run and not args.report and not args.speed:
+        parser.error("nothing to do: give --run RECIPE..., --speed RUN... and/or --report")
     for name in args.run:
         row = run_recipe(name, args.seed, args.steps)
         print(f"{name} (seed {args.seed}): " + ", ".join(f"{HEAD[m]} {row['student'][m]:.3f}" for m in METRICS))
+    if args.speed:
+        for tag, r in speed(args.speed).items():
+            print(f"{tag}: {r['steps']} step(s), {r['images_per_s']} images/s")
     if args.report:
         with atomic_file(REPORT) as f:
             f.write(report())
