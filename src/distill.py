@@ -164,7 +164,7 @@ def save_student(out: Path, pipe, student, timestep: int, lora: Extracted | None
         (tmp / "swiftbrush.json").write_text(json.dumps(made, indent=2))
         (tmp / "README.md").write_text(student_card(type(one).__name__, timesteps, made))
         if lora is not None:
-            write_lora(tmp / "lora", lora, type(one).__name__, timestep, "student_lora")
+            write_lora(tmp / "lora", lora, type(one).__name__, timesteps, "student_lora")
 
 
 @dataclass

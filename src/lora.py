@@ -43,13 +43,14 @@ def load_unet(folder: Path, what: str):
     return UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
 
 
-def student_of(folder: Path) -> tuple[str, int]:
-    """(pipeline class, timestep) of a student folder distill wrote."""
+def student_of(folder: Path) -> tuple[str, list[int]]:
+    """(pipeline class, timesteps) of a student folder distill wrote: [t_s], or an N-step student's N."""
     marker = folder / "swiftbrush.json"
     if not marker.is_file():
         raise UserError(f"lora: --student {folder}: not a one-step student (no swiftbrush.json; `distill` writes it)")
     index = json.loads((folder / "model_index.json").read_text())
-    return index["_class_name"], int(json.loads(marker.read_text())["timestep"])
+    made = json.loads(marker.read_text())
+    return index["_class_name"], [int(t) for t in made.get("timesteps", [made["timestep"]])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=64, help="the LoRA's rank (default 64; reports/lora/README.md)")
     parser.add_argument("--out", type=Path, default=Path("models/student_lora"), help="the LoRA folder to write")
     args = parser.parse_args(argv)
-    pipeline_class, timestep = student_of(args.student)
+    pipeline_class, timesteps = student_of(args.student)
     lora = extract(load_unet(args.student, "student"), load_unet(args.teacher, "teacher"), args.rank)
-    m = write(args.out, lora, pipeline_class, timestep, args.out.name,
+    m = write(args.out, lora, pipeline_class, timesteps, args.out.name,
               {"rank": args.rank, "student": str(args.student), "teacher": str(args.teacher)})
     print(f"lora: rank {args.rank} over {m['modules']} modules keeps {100 * m['kept_energy']:.2f}% of the weight "
           f"change ({m['parameters']:,} parameters); biases and norms left out: {100 * m['left_out_relative']:.2f}% "

@@ -126,15 +126,20 @@ def kohya_state(lora: Extracted) -> dict[str, torch.Tensor]:
             convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.state.items()}).items()}
 
 
-def write(out: Path, lora: Extracted, pipeline_class: str, timestep: int, name: str, extra: dict | None = None) -> dict:
-    """The LoRA folder (both formats, README.md, metrics.json), written whole or not at all."""
+def write(out: Path, lora: Extracted, pipeline_class: str, timestep: int | list[int], name: str,
+          extra: dict | None = None) -> dict:
+    """The LoRA folder (both formats, README.md, metrics.json), written whole or not at all. `timestep`: the
+    student's, or an N-step student's timesteps."""
     import diffusers
     from safetensors.torch import save_file
 
+    timesteps = [timestep] if isinstance(timestep, int) else list(timestep)
+    timestep = timesteps[0]
     ranks = sorted(set(lora.ranks.values()))
     metrics = {"modules": len(lora.ranks), "ranks": ranks, "kept_energy": round(lora.kept, 6),
                "left_out_relative": round(lora.left_out, 6),
-               "parameters": sum(v.numel() for v in lora.state.values()), "timestep": timestep} | (extra or {})
+               "parameters": sum(v.numel() for v in lora.state.values()), "timestep": timestep} | (
+        {"timesteps": timesteps} if len(timesteps) > 1 else {}) | (extra or {})
     with atomic_dir(out) as tmp:
         getattr(diffusers, pipeline_class).save_lora_weights(
             tmp, unet_lora_layers=lora.state, unet_lora_adapter_metadata=adapter_metadata(lora),
@@ -143,11 +148,32 @@ def write(out: Path, lora: Extracted, pipeline_class: str, timestep: int, name: 
                   metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
                             "ss_network_alpha": str(max(ranks)), "swiftbrush_timestep": str(timestep)})
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "README.md").write_text(card(pipeline_class, timestep, name, metrics))
+        (tmp / "README.md").write_text(card(pipeline_class, timesteps, name, metrics))
     return metrics
 
 
-def card(pipeline_class: str, timestep: int, name: str, m: dict) -> str:
+def card(pipeline_class: str, timesteps: list[int], name: str, m: dict) -> str:
+    n, timestep = len(timesteps), timesteps[0]
+    if n > 1:
+        return f"""# {n}-step SwiftBrush student as a LoRA of its teacher
+
+Load it on the teacher's pipeline; {n} UNet evaluations at timesteps {timesteps} draw the student's image.
+Ranks {', '.join(map(str, m['ranks']))} over {m['modules']} Linear and Conv2d modules of the UNet
+({m['parameters']:,} parameters); they keep {100 * m['kept_energy']:.2f}% of the weight change.
+
+```python
+import torch
+from diffusers import LCMScheduler, {pipeline_class}
+
+pipe = {pipeline_class}.from_pretrained("path/to/the/teacher", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("path/to/this/folder")          # {DIFFUSERS_FILE}
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+image = pipe(prompt, num_inference_steps={n}, timesteps={timesteps}, guidance_scale=0).images[0]
+```
+
+ComfyUI and AUTOMATIC1111: `{name}_kohya.safetensors` (kohya's key names, alpha = rank per module) in their
+LoRA folders, at strength 1.0, with the LCM sampler, {n} steps, CFG 1.
+"""
     return f"""# One-step SwiftBrush student as a LoRA of its teacher
 
 Load it on the teacher's pipeline; one UNet evaluation at timestep {timestep} draws the student's image.

@@ -73,14 +73,14 @@ def run(ranks: list[int], student: Path, work: Path, reports: Path, params: str)
             shutil.copytree(Path("eval_images") / name, work / "images" / name)
     records = read_prepared(Paths().eval_prompts, cfg.limit)
     prompts_digest = tree_digest(Paths().eval_prompts, cfg.limit, cfg.mode)
-    pipeline_class, timestep = student_of(student)
+    pipeline_class, timesteps = student_of(student)
     student_unet = UNet2DConditionModel.from_pretrained(student, subfolder="unet")
     rows = []
     for rank in ranks:
         teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
         lora = extract(student_unet, teacher_unet, rank)
         folder = work / f"rank_{rank}"
-        m = write(folder / "lora", lora, pipeline_class, timestep, "student_lora")
+        m = write(folder / "lora", lora, pipeline_class, timesteps, "student_lora")
         size = (folder / "lora" / DIFFUSERS_FILE).stat().st_size
         pipe_dir = rank_student(student, teacher_unet, lora, folder / "student")
         name = f"rank_{rank}_1"

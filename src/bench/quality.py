@@ -3,11 +3,15 @@ settings changed, evaluated on the eval prompts against the same teacher images,
 
     python -m src.bench.quality --run sid_lsg anneal500      # train (resumable) + evaluate; one JSON each
     python -m src.bench.quality --run sid_lsg --seed 1       # the same recipe from another root seed
+    python -m src.bench.quality --wide default sid_lsg_s0    # finalists on the 2000-prompt eval set
+    python -m src.bench.quality --speed steps2_s0 steps4_s0  # ONNX images/s of each against models/onnx
     python -m src.bench.quality --report                     # -> reports/distill/quality.md (+ a grid per run)
 
 A recipe is a list of `dvc exp run -S` overrides (RECIPES); the default recipe's row is the DVC pipeline's own
 student (reports/eval). Runs live in quality_work/<recipe>_s<seed>/: their checkpoints make an interrupted run
-continue where it stopped. Needs `dvc repro evaluate` first (the teacher's images are reused from eval_images/).
+continue where it stopped. `--seed` changes the run's random draws (initial weights of the LoRA teacher, batches,
+noise, t), not the prompts: every run is paired with the same teacher images. Needs `dvc repro evaluate` first
+(the teacher's images are reused from eval_images/).
 The screen's yardstick is the within-run gap to the teacher (accuracy, FID): a retrained default student moves
 it by about 0.8 accuracy points between seeds (reports/distill/seeds.md).
 """
@@ -48,6 +52,34 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     "steps4_t999": (["distill.student_steps=4", "distill.student_timestep=999"],
                     "VSD, a 4-step student at DMD2's timesteps (999, 749, 499, 249)"),
 }
+
+
+WIDE_PROMPTS = Path("prompts/eval_2000.jsonl")   # python -m src.prepare --eval-only 2000 --out prompts/eval_2000.jsonl
+WIDE_IMAGES = Path("eval_wide")
+
+
+def evaluate_wide(tag: str) -> dict:
+    """A finished run's student (or `default`: models/student) on the 2000-prompt eval set, paired with the
+    teacher on the same prompts and seeds (its images drawn once, in eval_wide/)."""
+    from ..evaluate import Paths as EvalPaths
+    from ..evaluate import evaluate
+    from ..layout import resolve_teacher
+
+    if not WIDE_PROMPTS.is_file():
+        raise UserError(f"{WIDE_PROMPTS}: missing; write it with `python -m src.prepare --eval-only 2000 --out "
+                        f"{WIDE_PROMPTS}`")
+    config = load_config()
+    student = Path("models/student") if tag == "default" else WORK / tag / "student"
+    reports = WORK / tag / "eval_2000"
+    teacher = resolve_teacher(config.distill.teacher, config.distill.teacher_config)
+    evaluate(config.evaluate, teacher, EvalPaths(eval_prompts=WIDE_PROMPTS, student=student, images=WIDE_IMAGES,
+                                                 student_name=tag, reports=reports))
+    metrics = json.loads((reports / "metrics.json").read_text())
+    versus = json.loads((reports / "intervals.json").read_text())["vs_teacher"]
+    row = {"tag": tag, "prompts": 2000, "student": metrics[f"{tag}_1"], "teacher": metrics[versus["teacher"]],
+           "vs_teacher": versus[f"{tag}_1"], "machine": machine()}
+    write_json(OUT / "wide" / f"{tag}.json", row)
+    return row
 
 
 def run_recipe(name: str, seed: int, steps: int | None) -> dict:
@@ -165,6 +197,20 @@ def report() -> str:
     for name, (overrides, what) in RECIPES.items():
         if any(r["recipe"] == name for r in ran):
             lines.append(f"| {name} | {' '.join(f'`{o}`' for o in overrides)} | {what} |")
+    wide = [json.loads(p.read_text()) for p in sorted((OUT / "wide").glob("*.json"))]
+    if wide:
+        lines += ["", "## Finalists on 2000 prompts", "",
+                  "The 2000-prompt eval set (`prompts/eval_2000.jsonl`; its first 500 are the ones above), paired "
+                  "with the teacher on the same prompts and seeds (`python -m src.bench.quality --wide RUN`).", "",
+                  "| student | accuracy | FID | CLIP score | accuracy vs teacher | FID vs teacher | CLIP vs teacher |",
+                  "|---|---|---|---|---|---|---|"]
+        t = wide[0]["teacher"]
+        lines.append(f"| teacher, 25 steps + CFG | {t['attribute_accuracy']:.3f} | {t['fid']:.3f} | "
+                     f"{t['clip_score']:.4f} | - | - | - |")
+        for w in wide:
+            st = w["student"]
+            lines.append(f"| {w['tag']} | {st['attribute_accuracy']:.3f} | {st['fid']:.3f} | {st['clip_score']:.4f} | "
+                         + " | ".join(cell(w["vs_teacher"], m) for m in METRICS) + " |")
     if (OUT / "speed.json").is_file():
         timed = json.loads((OUT / "speed.json").read_text())
         lines += ["", "## What each step costs", "",
@@ -191,13 +237,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="distill.steps (default: params.yaml's)")
     parser.add_argument("--speed", nargs="*", default=[], metavar="RUN",
                         help="finished runs (e.g. steps2_s0) to export and time against models/onnx")
+    parser.add_argument("--wide", nargs="*", default=[], metavar="RUN",
+                        help=f"finished runs (or default) to evaluate on {WIDE_PROMPTS}")
     parser.add_argument("--report", action="store_true", help=f"write {REPORT} from every finished run")
     args = parser.parse_args(argv)
-    if not args.run and not args.report and not args.speed:
-        parser.error("nothing to do: give --run RECIPE..., --speed RUN... and/or --report")
+    if not (args.run or args.report or args.speed or args.wide):
+        parser.error("nothing to do: give --run RECIPE..., --wide RUN..., --speed RUN... and/or --report")
     for name in args.run:
         row = run_recipe(name, args.seed, args.steps)
         print(f"{name} (seed {args.seed}): " + ", ".join(f"{HEAD[m]} {row['student'][m]:.3f}" for m in METRICS))
+    for tag in args.wide:
+        row = evaluate_wide(tag)
+        print(f"{tag} on 2000 prompts: " + ", ".join(f"{HEAD[m]} {row['student'][m]:.3f}" for m in METRICS))
     if args.speed:
         for tag, r in speed(args.speed).items():
             print(f"{tag}: {r['steps']} step(s), {r['images_per_s']} images/s")
