@@ -99,3 +99,31 @@ def test_split_runs_are_compared_with_split_runs_and_never_named_the_best_artifa
     assert h["ort_vs_torch_speedup_tiny_w2"] == pytest.approx(1.25)
     assert h["workers_gain"]["teacher_25"] == pytest.approx(1.3)
     assert h["workers_gain"]["onnx_fp32_tiny"] == pytest.approx(1.2)
+
+
+def test_fidgap_measures_pin_their_definitions():
+    """Edge energy is the mean |difference| of neighbouring pixels (rows plus columns); the high-frequency
+    share is the power above 0.25 cycles per pixel: all of a checkerboard's, none of a smooth ramp's."""
+    import numpy as np
+    import torch
+
+    from src.bench.fidgap import edge_energy, high_frequency_share
+
+    stripes = np.zeros((1, 4, 4, 3), np.uint8)
+    stripes[:, :, 1::2] = 10                      # columns alternate 0, 10: 10 across, 0 down
+    assert edge_energy(stripes) == 10.0
+    checker = torch.tensor([[(-1.0) ** (i + j) for j in range(8)] for i in range(8)]).reshape(1, 1, 8, 8)
+    assert high_frequency_share(checker) == pytest.approx(1.0)
+    ramp = torch.cos(2 * torch.pi * torch.arange(8) / 8).reshape(1, 1, 1, 8).expand(1, 1, 8, 8)
+    assert high_frequency_share(ramp) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_quality_cells_call_a_difference_only_when_the_whole_interval_agrees():
+    from src.bench.quality import cell
+
+    diff = {"fid": {"difference": -0.02, "interval": [-0.05, -0.01]},
+            "attribute_accuracy": {"difference": 0.01, "interval": [-0.01, 0.03]},
+            "clip_score": {"difference": -0.01, "interval": [-0.02, -0.005]}}
+    assert cell(diff, "fid").endswith("better")                  # lower FID
+    assert cell(diff, "attribute_accuracy").endswith("level")
+    assert cell(diff, "clip_score").endswith("worse")

@@ -37,10 +37,13 @@ HEAD = {"attribute_accuracy": "accuracy", "fid": "FID", "clip_score": "CLIP scor
 
 # name: (overrides in `dvc exp run -S` syntax, what the recipe changes)
 RECIPES: dict[str, tuple[list[str], str]] = {
+    "default": ([], "the default recipe (params.yaml), retrained with another seed"),
     "sid_lsg": (["distill.loss=sid", "distill.lora_guidance_scale=4.5", "distill.lora_train_guidance_scale=4.5"],
                 "SiD-LSG, alpha 1.2, CFG 4.5 for the teacher, the fake score and its training"),
     "sid_fake1": (["distill.loss=sid"],
                   "SiD, alpha 1.2, CFG 4.5 on the teacher, 1 on the fake score (its conditional branch)"),
+    "sid_clip4": (["distill.loss=sid", "distill.clip_weight=4.0"],
+                  "SiD as sid_fake1, CLIP-loss weight 4 (SiD's gradient is ~4x VSD's: the same balance as the default)"),
     "sid_lsg_alpha1": (["distill.loss=sid", "distill.sid_alpha=1.0", "distill.lora_guidance_scale=4.5",
                         "distill.lora_train_guidance_scale=4.5"], "SiD-LSG with alpha 1 (its SD scripts)"),
     "anneal500": (["distill.t_max_end=500"], "VSD, t_max annealed 980 -> 500 over the run"),

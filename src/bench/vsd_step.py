@@ -121,7 +121,7 @@ def variant_run(overrides: list[str], tmp: Path, variant: Variant, train_prompts
 
     r = DistillRun(overrides, tmp, train_prompts)
     run = r.run
-    run.vsd_loss = VariantLoss(variant, run.vsd_loss)
+    run.student_loss = VariantLoss(variant, run.student_loss)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():             # A at the scale of its own init, B off its zero init
         for n, p in run.teacher.named_parameters():
@@ -144,11 +144,11 @@ def student_gradient(r: DistillRun, seed: int) -> torch.Tensor:
     run = r.run
     gen, idx, z = D.step_draws(run, r.cfg, r.config.seed, seed)
     cond = encode(run.pipe, [run.prompts[i] for i in idx], latent_side=run.shape[-1]).float()
-    if isinstance(run.vsd_loss, VariantLoss) and run.vsd_loss.variant.channels_last:
+    if isinstance(run.student_loss, VariantLoss) and run.student_loss.variant.channels_last:
         z = z.contiguous(memory_format=torch.channels_last)
     with run.as_student(run.student):
         x0 = student_x0(run.student, z, cond, run.abar, run.prediction, run.t_student)
-    loss, _ = run.vsd_loss(run.teacher, x0, cond, run.uncond, run.abar, gen)
+    loss, _ = run.student_loss(run.teacher, x0, cond, run.uncond, run.abar, gen)
     for p in run.student_params:
         p.grad = None
     loss.backward()
