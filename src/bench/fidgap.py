@@ -61,18 +61,24 @@ def folder_images(name: str, records: list[dict]) -> np.ndarray:
     return load_folder(folder, records)
 
 
-def fid_of(images: np.ndarray, ref_features: np.ndarray, clip, tmp: Path) -> float:
-    """FID of uint8 images against the renders' features, with the evaluator's features (as evaluate does)."""
+def features_of(images: np.ndarray, clip, tmp: Path) -> np.ndarray:
+    """The evaluator's features of uint8 images (written as PNG first, as evaluate reads its folders)."""
     from PIL import Image
 
-    from ..scoring.metrics import feature_stats, frechet, world_features
+    from ..scoring.metrics import world_features
 
     tmp.mkdir(parents=True, exist_ok=True)
     files = []
     for i, img in enumerate(images):
         files.append(tmp / f"{i:06d}.png")
         Image.fromarray(img).save(files[-1])
-    return frechet(feature_stats(world_features(files, clip)), feature_stats(ref_features))
+    return world_features(files, clip)
+
+
+def fid(feats: np.ndarray, ref: np.ndarray) -> float:
+    from ..scoring.metrics import feature_stats, frechet
+
+    return frechet(feature_stats(feats), feature_stats(ref))
 
 
 @torch.no_grad()
@@ -161,8 +167,9 @@ def gradient_shares(config, batches: int = 4) -> dict[str, float]:
 
 def measure(limit: int) -> dict:
     from ..method.onestep import decode
-    from ..scoring.metrics import load_clip, world_features
     from ..evaluate import image_path
+    from ..scoring.metrics import load_clip, world_features
+    from ..world import read_scene, score
 
     config = load_config()
     records = read_prepared(Path("prompts/eval.jsonl"), limit)
@@ -174,14 +181,22 @@ def measure(limit: int) -> dict:
     with torch.no_grad():
         decoded = {name: (decode(vae, x) * 255).round().byte().permute(0, 2, 3, 1).numpy()
                    for name, x in lat.items()}
-    rows = {}
+    rows, feats = {}, {}
     work = Path("quality_work") / "fidgap"
     for name in ("renders", "teacher", "student", "student + 2 teacher steps"):
         label = "renders through the VAE" if name == "renders" else name
-        rows[label] = {"fid": fid_of(decoded[name], ref, clip, work / name.replace(" ", "_").replace("+", "p")),
-                       "edge": edge_energy(decoded[name]), "latent_high_share": high_frequency_share(lat[name])}
+        feats[name] = features_of(decoded[name], clip, work / name.replace(" ", "_").replace("+", "p"))
+        rows[label] = {"fid": fid(feats[name], ref), "edge": edge_energy(decoded[name]),
+                       "latent_high_share": high_frequency_share(lat[name])}
     rows["renders"] = {"fid": 0.0, "edge": edge_energy(folder_images("reference", records))}
-    return {"machine": machine(), "prompts": len(records), "rows": rows, "gradients": gradient_shares(config)}
+    right = {name: np.array([score(read_scene(im), r["attributes"])["all"] for im, r in zip(decoded[name], records)])
+             for name in ("teacher", "student")}
+    both = right["teacher"] & right["student"]
+    content = {"prompts_both_right": int(both.sum()), "student_wrong": int((~right["student"]).sum()),
+               "teacher_wrong": int((~right["teacher"]).sum()),
+               "fid_both_right": {n: fid(feats[n][both], ref[both]) for n in ("teacher", "student")}}
+    return {"machine": machine(), "prompts": len(records), "rows": rows, "content": content,
+            "gradients": gradient_shares(config)}
 
 
 def report(m: dict) -> str:
@@ -196,6 +211,11 @@ def report(m: dict) -> str:
     for name, r in m["rows"].items():
         share = f"{r['latent_high_share']:.3f}" if "latent_high_share" in r else "-"
         lines.append(f"| {name} | {r['fid']:.3f} | {r['edge']:.2f} | {share} |")
+    c = m["content"]
+    lines += ["", f"On the {c['prompts_both_right']} prompts where the judge reads both the teacher's and the student's "
+              f"image right (the student is wrong on {c['student_wrong']}, the teacher on {c['teacher_wrong']}): FID "
+              f"{c['fid_both_right']['teacher']:.3f} for the teacher and {c['fid_both_right']['student']:.3f} for the "
+              "student."]
     lines += ["", "The gradients on the student's x0 (4 batches of 16 training prompts; the CLIP loss at its "
               "weight in params.yaml):", "",
               "| gradient | norm | high-frequency share |", "|---|---|---|",

@@ -195,6 +195,9 @@ def report() -> str:
              "difference from the teacher; better / worse only where the whole interval is on one side. The last "
              "two columns move the within-run gap relative to the default's: a retrained default moves it by about "
              "0.8 accuracy points between seeds ([seeds.md](seeds.md)).", ""]
+    notes = OUT / "notes.md"             # the findings, written by hand from the tables below
+    if notes.is_file():
+        lines += [notes.read_text().strip(), "", "## Screens (500 prompts)", ""]
     lines += table(rows)
     lines += ["", "| recipe | overrides (`dvc exp run -S ...`) | what it changes |", "|---|---|---|"]
     for name, (overrides, what) in RECIPES.items():
