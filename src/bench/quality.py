@@ -151,6 +151,30 @@ def speed(tags: list[str], batch: int = 16, repeats: int = 5) -> dict:
     return rows
 
 
+def time_recipes(names: list[str], steps: int = 60) -> dict:
+    """Training speed of each recipe, timed alone: `steps` steps from scratch in a scratch folder, no validation
+    (the runs' own wall time shares the machine with whatever else ran). Written to OUT/timing.json."""
+    import tempfile
+
+    from ..distill import Paths as DistillPaths
+    from ..distill import distill
+
+    timing = json.loads((OUT / "timing.json").read_text()) if (OUT / "timing.json").is_file() else {}
+    for name in names:
+        if name not in RECIPES:
+            raise UserError(f"--time {name}: unknown recipe (expected one of {', '.join(RECIPES)})")
+        config = load_config(overrides=[*RECIPES[name][0], f"distill.steps={steps}", "distill.checkpoint_every=1000"])
+        tiny = Path(config.tiny_decoder) if config.tiny_decoder else None
+        with tempfile.TemporaryDirectory() as tmp:
+            out = distill(config.distill, config.lr, config.seed,
+                          DistillPaths(eval_prompts=Path(tmp) / "none.jsonl", checkpoints=Path(tmp) / "ck",
+                                       student=Path(tmp) / "student", reports=Path(tmp) / "rep", tiny_decoder=tiny))
+        timing[name] = {"steps": steps, "steps_per_s": out["steps_per_s"]}
+        print(f"{name}: {out['steps_per_s']} steps/s")
+    write_json(OUT / "timing.json", {**timing, "machine": machine()})
+    return timing
+
+
 def default_row() -> dict:
     """The DVC pipeline's student (the default recipe, seed 0) from reports/eval and reports/distill."""
     metrics = json.loads(Path("reports/eval/metrics.json").read_text())
@@ -169,16 +193,17 @@ def cell(diff: dict, metric: str) -> str:
     return f"{diff[metric]['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {word}"
 
 
-def table(rows: list[dict]) -> list[str]:
+def table(rows: list[dict], timing: dict) -> list[str]:
     base = next((r for r in rows if r["recipe"] == "default"), None)
-    lines = ["| recipe | seed | steps | train time | accuracy | FID | CLIP score | accuracy vs teacher | FID vs teacher "
+    lines = ["| recipe | seed | steps | train time, timed alone | accuracy | FID | CLIP score | accuracy vs teacher | FID vs teacher "
              "| CLIP vs teacher | accuracy gap vs default's | FID gap vs default's |", "|" + "---|" * 12]
     for r in rows:
         s, v = r["student"], r["vs_teacher"]
         moved = ["-", "-"] if base is None or r is base else [
             f"{v[m]['difference'] - base['vs_teacher'][m]['difference']:+.3f}" for m in ("attribute_accuracy", "fid")]
-        lines.append(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['train_wall_s'] / 60:.1f} min "
-                     f"({r['steps_per_s']:.2f} steps/s) | {s['attribute_accuracy']:.3f} | {s['fid']:.3f} | "
+        speed = timing.get(r["recipe"], {}).get("steps_per_s")
+        cost = f"{r['steps'] / speed / 60:.1f} min ({speed:.2f} steps/s)" if speed else "-"
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {cost} | {s['attribute_accuracy']:.3f} | {s['fid']:.3f} | "
                      f"{s['clip_score']:.4f} | " + " | ".join(cell(v, m) for m in METRICS) + " | " + " | ".join(moved)
                      + " |")
     return lines
@@ -194,11 +219,13 @@ def report() -> str:
              "default (teacher: 25 DDIM steps, CFG 4.5). In brackets: 95% bootstrap intervals of the paired "
              "difference from the teacher; better / worse only where the whole interval is on one side. The last "
              "two columns move the within-run gap relative to the default's: a retrained default moves it by about "
-             "0.8 accuracy points between seeds ([seeds.md](seeds.md)).", ""]
+             "0.8 accuracy points between seeds ([seeds.md](seeds.md)). Train time: the run's steps at the "
+             "recipe's speed timed alone on this machine (`--time`: 60 steps from scratch, no validation).", ""]
     notes = OUT / "notes.md"             # the findings, written by hand from the tables below
     if notes.is_file():
         lines += [notes.read_text().strip(), "", "## Screens (500 prompts)", ""]
-    lines += table(rows)
+    timing = json.loads((OUT / "timing.json").read_text()) if (OUT / "timing.json").is_file() else {}
+    lines += table(rows, timing)
     lines += ["", "| recipe | overrides (`dvc exp run -S ...`) | what it changes |", "|---|---|---|"]
     for name, (overrides, what) in RECIPES.items():
         if any(r["recipe"] == name for r in ran):
@@ -245,13 +272,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="finished runs (e.g. steps2_s0) to export and time against models/onnx")
     parser.add_argument("--wide", nargs="*", default=[], metavar="RUN",
                         help=f"finished runs (or default) to evaluate on {WIDE_PROMPTS}")
+    parser.add_argument("--time", nargs="*", default=[], metavar="RECIPE",
+                        help="time each recipe's training alone (60 steps; run it on an idle machine)")
     parser.add_argument("--report", action="store_true", help=f"write {REPORT} from every finished run")
     args = parser.parse_args(argv)
-    if not (args.run or args.report or args.speed or args.wide):
+    if not (args.run or args.report or args.speed or args.wide or args.time):
         parser.error("nothing to do: give --run RECIPE..., --wide RUN..., --speed RUN... and/or --report")
     for name in args.run:
         row = run_recipe(name, args.seed, args.steps)
         print(f"{name} (seed {args.seed}): " + ", ".join(f"{HEAD[m]} {row['student'][m]:.3f}" for m in METRICS))
+    if args.time:
+        time_recipes(args.time)
     for tag in args.wide:
         row = evaluate_wide(tag)
         print(f"{tag} on 2000 prompts: " + ", ".join(f"{HEAD[m]} {row['student'][m]:.3f}" for m in METRICS))
