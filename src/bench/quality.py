@@ -47,6 +47,7 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     "sid_lsg_alpha1": (["distill.loss=sid", "distill.sid_alpha=1.0", "distill.lora_guidance_scale=4.5",
                         "distill.lora_train_guidance_scale=4.5"], "SiD-LSG with alpha 1 (its SD scripts)"),
     "anneal500": (["distill.t_max_end=500"], "VSD, t_max annealed 980 -> 500 over the run"),
+    "anneal300": (["distill.t_max_end=300"], "VSD, t_max annealed 980 -> 300 over the run"),
     "tmax700": (["distill.t_max=700"], "VSD, t in [20, 700]"),
     "cfg3": (["distill.guidance_scale=3.0"], "VSD, teacher CFG 3"),
     "cfg6": (["distill.guidance_scale=6.0"], "VSD, teacher CFG 6"),
