@@ -53,6 +53,8 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     "cfg6": (["distill.guidance_scale=6.0"], "VSD, teacher CFG 6"),
     "steps2": (["distill.student_steps=2"], "VSD, a 2-step student (t = 599, 299), backward simulation"),
     "steps4": (["distill.student_steps=4"], "VSD, a 4-step student (t = 599, 449, 299, 149), backward simulation"),
+    "steps2_anneal500": (["distill.student_steps=2", "distill.t_max_end=500"],
+                         "a 2-step student with t_max annealed 980 -> 500"),
     "steps4_t999": (["distill.student_steps=4", "distill.student_timestep=999"],
                     "VSD, a 4-step student at DMD2's timesteps (999, 749, 499, 249)"),
 }
