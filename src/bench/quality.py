@@ -55,6 +55,8 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     "steps4": (["distill.student_steps=4"], "VSD, a 4-step student (t = 599, 449, 299, 149), backward simulation"),
     "steps2_anneal500": (["distill.student_steps=2", "distill.t_max_end=500"],
                          "a 2-step student with t_max annealed 980 -> 500"),
+    "steps4_anneal500": (["distill.student_steps=4", "distill.t_max_end=500"],
+                         "a 4-step student with t_max annealed 980 -> 500"),
     "steps4_t999": (["distill.student_steps=4", "distill.student_timestep=999"],
                     "VSD, a 4-step student at DMD2's timesteps (999, 749, 499, 249)"),
 }
