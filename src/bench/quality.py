@@ -235,7 +235,8 @@ def report() -> str:
     for name, (overrides, what) in RECIPES.items():
         if any(r["recipe"] == name for r in ran):
             lines.append(f"| {name} | {' '.join(f'`{o}`' for o in overrides)} | {what} |")
-    wide = [json.loads(p.read_text()) for p in sorted((OUT / "wide").glob("*.json"))]
+    wide = sorted((json.loads(p.read_text()) for p in (OUT / "wide").glob("*.json")),
+                  key=lambda w: (w["tag"] != "default", w["tag"]))
     if wide:
         lines += ["", "## Finalists on 2000 prompts", "",
                   "The 2000-prompt eval set (`prompts/eval_2000.jsonl`; its first 500 are the ones above), paired "
