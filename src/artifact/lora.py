@@ -155,9 +155,18 @@ def write(out: Path, lora: Extracted, pipeline_class: str, timestep: int | list[
 def card(pipeline_class: str, timesteps: list[int], name: str, m: dict) -> str:
     n, timestep = len(timesteps), timesteps[0]
     if n > 1:
-        return f"""# {n}-step SwiftBrush student as a LoRA of its teacher
+        head, what = f"{n}-step", f"{n} UNet evaluations at timesteps {timesteps} draw"
+        lcm = ""
+    else:
+        head, what = "One-step", f"one UNet evaluation at timestep {timestep} draws"
+        lcm = f"""
+LCM's scheduler with `timesteps=[{timestep}]` is the stock way to run one step at the student's timestep and
+return its clean-image estimate; guidance stays off (the student learned the guided teacher).
+`pipe.fuse_lora()` folds it into the weights for speed, `pipe.unfuse_lora()` gives the teacher back.
+"""
+    return f"""# {head} SwiftBrush student as a LoRA of its teacher
 
-Load it on the teacher's pipeline; {n} UNet evaluations at timesteps {timesteps} draw the student's image.
+Load it on the teacher's pipeline; {what} the student's image.
 Ranks {', '.join(map(str, m['ranks']))} over {m['modules']} Linear and Conv2d modules of the UNet
 ({m['parameters']:,} parameters); they keep {100 * m['kept_energy']:.2f}% of the weight change.
 
@@ -170,30 +179,7 @@ pipe.load_lora_weights("path/to/this/folder")          # {DIFFUSERS_FILE}
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 image = pipe(prompt, num_inference_steps={n}, timesteps={timesteps}, guidance_scale=0).images[0]
 ```
-
+{lcm}
 ComfyUI and AUTOMATIC1111: `{name}_kohya.safetensors` (kohya's key names, alpha = rank per module) in their
-LoRA folders, at strength 1.0, with the LCM sampler, {n} steps, CFG 1.
-"""
-    return f"""# One-step SwiftBrush student as a LoRA of its teacher
-
-Load it on the teacher's pipeline; one UNet evaluation at timestep {timestep} draws the student's image.
-Ranks {', '.join(map(str, m['ranks']))} over {m['modules']} Linear and Conv2d modules of the UNet
-({m['parameters']:,} parameters); they keep {100 * m['kept_energy']:.2f}% of the weight change.
-
-```python
-import torch
-from diffusers import LCMScheduler, {pipeline_class}
-
-pipe = {pipeline_class}.from_pretrained("path/to/the/teacher", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("path/to/this/folder")          # {DIFFUSERS_FILE}
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-image = pipe(prompt, num_inference_steps=1, timesteps=[{timestep}], guidance_scale=0).images[0]
-```
-
-LCM's scheduler with `timesteps=[{timestep}]` is the stock way to run one step at the student's timestep and
-return its clean-image estimate; guidance stays off (the student learned the guided teacher).
-`pipe.fuse_lora()` folds it into the weights for speed, `pipe.unfuse_lora()` gives the teacher back.
-
-ComfyUI and AUTOMATIC1111: `{name}_kohya.safetensors` (kohya's key names, alpha = rank per module) in their
-LoRA folders, at strength 1.0, with the LCM sampler, 1 step, CFG 1.
+LoRA folders, at strength 1.0, with the LCM sampler, {n} step{'s' if n > 1 else ''}, CFG 1.
 """

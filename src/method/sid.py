@@ -26,7 +26,7 @@ import torch
 
 from .adapters import adapters
 from .conditioning import Conditioning
-from .vsd import PredictionType, Reduction, add_noise, guided_eps, x0_from_output
+from .vsd import PredictionType, Reduction, add_noise, guided_eps, noise_draw, x0_from_output
 
 MIN_WEIGHT = 1e-5          # w's floor (the official code's), against division by a vanishing error
 
@@ -94,10 +94,7 @@ class SiDLoss:
 
     def __call__(self, unet, x0: torch.Tensor, cond: Conditioning | torch.Tensor, uncond: Conditioning | torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
-        b = x0.shape[0]
-        t = torch.randint(self.t_min, self.t_max + 1, (b,), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        abar_t = alphas_cumprod.to(x0.device)[t]
+        t, eps, abar_t = noise_draw(x0, self.t_min, self.t_max, alphas_cumprod, generator)
         x_t = add_noise(x0, eps, abar_t)                  # with gradient, unlike VSD
         with adapters(unet, enabled=False), weights_frozen(unet):      # frozen after PEFT's toggles, which
             y_real = predicted_x0(unet, x_t, t, abar_t, cond, uncond, self.guidance_scale, self.prediction_type)

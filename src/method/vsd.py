@@ -69,6 +69,15 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torc
     return abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * eps
 
 
+def noise_draw(x0: torch.Tensor, t_min: int, t_max: int, alphas_cumprod: torch.Tensor,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A distillation loss's draws, in this order from `generator`: t ~ U{t_min..t_max} per sample, noise
+    eps ~ N(0, I) shaped like x0, and abar_t."""
+    t = torch.randint(t_min, t_max + 1, (x0.shape[0],), generator=generator).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    return t, eps, alphas_cumprod.to(x0.device)[t]
+
+
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: uncond + scale * (cond - uncond)."""
     return uncond + scale * (cond - uncond)
@@ -128,9 +137,7 @@ class VSDLoss:
     def __call__(self, unet, x0: torch.Tensor, cond: Conditioning | torch.Tensor, uncond: Conditioning | torch.Tensor,
                  alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None):
         b = x0.shape[0]
-        t = torch.randint(self.t_min, self.t_max + 1, (b,), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        abar_t = alphas_cumprod.to(x0.device)[t]
+        t, eps, abar_t = noise_draw(x0, self.t_min, self.t_max, alphas_cumprod, generator)
         with torch.no_grad():
             x_t = add_noise(x0.detach(), eps, abar_t)
             with adapters(unet, enabled=False):
@@ -167,11 +174,9 @@ class LoRALoss:
         b = x0.shape[0]
         x0 = x0.detach()
         high = len(alphas_cumprod) - 1 if self.t_max is None else self.t_max
-        t = torch.randint(self.t_min, high + 1, (b,), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        t, eps, abar_t = noise_draw(x0, self.t_min, high, alphas_cumprod, generator)
         drop = torch.rand(b, generator=generator).to(x0.device) < self.p_uncond
         emb = as_conditioning(cond).where(drop, as_conditioning(uncond).expand(b))
-        abar_t = alphas_cumprod.to(x0.device)[t]
         x_t = add_noise(x0, eps, abar_t)
         with adapters(unet, enabled=True, name=self.adapter):
             eps_pred = guided_eps(unet, x_t, t, abar_t, emb, uncond, self.guidance_scale, self.prediction_type)
