@@ -156,7 +156,7 @@ def speed(tags: list[str], batch: int = 16, repeats: int = 5) -> dict:
     return rows
 
 
-def time_recipes(names: list[str], steps: int = 60) -> dict:
+def time_recipes(names: list[str], steps: int = 40) -> dict:
     """Training speed of each recipe, timed alone: `steps` steps from scratch in a scratch folder, no validation
     (the runs' own wall time shares the machine with whatever else ran). Written to OUT/timing.json."""
     import tempfile
@@ -242,7 +242,8 @@ def over_seeds(rows: list[dict]) -> list[str]:
 
 
 def report() -> str:
-    rows = [default_row()] + [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    rows = [default_row()] + [r for r in (json.loads(p.read_text()) for p in sorted(OUT.glob("*.json")))
+                              if "recipe" in r]             # not speed.json / timing.json
     ran = [r for r in rows if r["recipe"] != "default"]
     lines = ["# Distillation recipes, screened", "",
              f"Machine: {ran[0]['machine'] if ran else machine()}. Every row is one student trained with "
@@ -252,7 +253,7 @@ def report() -> str:
              "difference from the teacher; better / worse only where the whole interval is on one side. The last "
              "two columns move the within-run gap relative to the default's: a retrained default moves it by about "
              "0.8 accuracy points between seeds ([seeds.md](seeds.md)). Train time: the run's steps at the "
-             "recipe's speed timed alone on this machine (`--time`: 60 steps from scratch, no validation).", ""]
+             "recipe's speed timed alone on this machine (`--time`: 40 steps from scratch, no validation).", ""]
     notes = OUT / "notes.md"             # the findings, written by hand from the tables below
     if notes.is_file():
         lines += [notes.read_text().strip(), "", "## Screens (500 prompts)", ""]
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wide", nargs="*", default=[], metavar="RUN",
                         help=f"finished runs (or default) to evaluate on {WIDE_PROMPTS}")
     parser.add_argument("--time", nargs="*", default=[], metavar="RECIPE",
-                        help="time each recipe's training alone (60 steps; run it on an idle machine)")
+                        help="time each recipe's training alone (40 steps; run it on an idle machine)")
     parser.add_argument("--report", action="store_true", help=f"write {REPORT} from every finished run")
     args = parser.parse_args(argv)
     if not (args.run or args.report or args.speed or args.wide or args.time):
