@@ -10,7 +10,7 @@ from src.method.adapters import adapters
 from src.method.sid import SiDLoss, sid_elementwise
 from src.method.vsd import LoRALoss
 
-from test_vsd import with_lora
+from test_vsd import long_hand, with_lora
 
 
 @pytest.fixture
@@ -22,19 +22,11 @@ def schedule():
 
 def _long_way(unet, x0, cond, uncond, abar, seed, alpha, k_real, k_fake, t_min=20, t_max=980):
     """SiD's loss with separate cond / uncond calls, x0 read from each guided epsilon by hand, the same draws."""
-    g = torch.Generator().manual_seed(seed)
     b = x0.shape[0]
-    t = torch.randint(t_min, t_max + 1, (b,), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    a = abar[t].reshape(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    a, x_t, guided = long_hand(unet, x0, cond, uncond, abar, seed, t_min, t_max)
 
     def y(enabled, k):
-        with adapters(unet, enabled):
-            e_u = unet(x_t, t, encoder_hidden_states=uncond.expand_as(cond)).sample
-            e_c = unet(x_t, t, encoder_hidden_states=cond).sample
-        e = e_u + k * (e_c - e_u)
-        return (x_t - (1 - a).sqrt() * e) / a.sqrt()
+        return (x_t - (1 - a).sqrt() * guided(enabled, k)) / a.sqrt()
 
     y_real, y_fake = y(False, k_real), y(True, k_fake)
     w = torch.stack([(x0[i] - y_real[i]).abs().mean() for i in range(b)]).detach().reshape(-1, 1, 1, 1)

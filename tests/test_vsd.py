@@ -90,20 +90,27 @@ def test_disabled_adapters_reproduce_the_teacher_exactly(tiny_unet):
     assert not torch.allclose(on, expected, atol=1e-4)  # the adapter does something when on
 
 
-def _manual_vsd_grad(unet, x0, cond, uncond, abar, scale, seed, t_min=20, t_max=980, lora_scale=None):
-    """The VSD gradient computed the long way: separate cond/uncond calls, same random draws."""
+def long_hand(unet, x0, cond, uncond, abar, seed, t_min=20, t_max=980):
+    """The losses' draws redone by hand (t, then noise, from `seed`): (a, x_t, guided), with guided(enabled, w)
+    the CFG epsilon by separate cond / uncond calls, adapters on or off."""
     g = torch.Generator().manual_seed(seed)
-    b = x0.shape[0]
-    t = torch.randint(t_min, t_max + 1, (b,), generator=g)
+    t = torch.randint(t_min, t_max + 1, (x0.shape[0],), generator=g)
     eps = torch.randn(x0.shape, generator=g)
     a = abar[t].reshape(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def guided(enabled, w):
+        with adapters(unet, enabled):
+            e_u = unet(x_t, t, encoder_hidden_states=uncond.expand_as(cond)).sample
+            e_c = unet(x_t, t, encoder_hidden_states=cond).sample
+        return e_u + w * (e_c - e_u)
+    return a, x_t, guided
+
+
+def _manual_vsd_grad(unet, x0, cond, uncond, abar, scale, seed, t_min=20, t_max=980, lora_scale=None):
+    """The VSD gradient computed the long way: separate cond/uncond calls, same random draws."""
+    a, _, guided = long_hand(unet, x0, cond, uncond, abar, seed, t_min, t_max)
     with torch.no_grad():
-        def guided(enabled, w):
-            with adapters(unet, enabled):
-                e_u = unet(x_t, t, encoder_hidden_states=uncond.expand_as(cond)).sample
-                e_c = unet(x_t, t, encoder_hidden_states=cond).sample
-            return e_u + w * (e_c - e_u)
         return (1 - a) * (guided(False, scale) - guided(True, scale if lora_scale is None else lora_scale))
 
 
