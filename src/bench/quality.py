@@ -3,7 +3,7 @@ settings changed, evaluated on the eval prompts against the same teacher images,
 
     python -m src.bench.quality --run sid_lsg anneal500      # train (resumable) + evaluate; one JSON each
     python -m src.bench.quality --run sid_lsg --seed 1       # the same recipe from another root seed
-    python -m src.bench.quality --wide default sid_lsg_s0    # finalists on the 2000-prompt eval set
+    python -m src.bench.quality --wide default steps4_s0     # finalists on the 2000-prompt eval set
     python -m src.bench.quality --speed steps2_s0 steps4_s0  # ONNX images/s of each against models/onnx
     python -m src.bench.quality --report                     # -> reports/distill/quality.md (+ a grid per run)
 
@@ -12,8 +12,9 @@ student (reports/eval). Runs live in quality_work/<recipe>_s<seed>/: their check
 continue where it stopped. `--seed` changes the run's random draws (initial weights of the LoRA teacher, batches,
 noise, t), not the prompts: every run is paired with the same teacher images. Needs `dvc repro evaluate` first
 (the teacher's images are reused from eval_images/).
-The screen's yardstick is the within-run gap to the teacher (accuracy, FID): a retrained default student moves
-it by about 0.8 accuracy points between seeds (reports/distill/seeds.md).
+The screen's yardstick is the within-run gap to the teacher (accuracy, FID), set against the `fixed` recipe's
+(the paper's fixed t range): retrained from other seeds, that student's gap moves by about 0.8 accuracy points
+(reports/distill/seeds.md).
 """
 
 from __future__ import annotations
@@ -35,29 +36,32 @@ REPORT = Path("reports/distill/quality.md")
 METRICS = ("attribute_accuracy", "fid", "clip_score")
 HEAD = {"attribute_accuracy": "accuracy", "fid": "FID", "clip_score": "CLIP score"}
 
+FIXED = "distill.t_max_end=null"         # the paper's fixed t range
+BASELINE = "fixed"                       # the screens' yardstick: every lever was screened against this recipe
 # name: (overrides in `dvc exp run -S` syntax, what the recipe changes)
 RECIPES: dict[str, tuple[list[str], str]] = {
-    "default": ([], "the default recipe (params.yaml), retrained with another seed"),
-    "sid_lsg": (["distill.loss=sid", "distill.lora_guidance_scale=4.5", "distill.lora_train_guidance_scale=4.5"],
+    "default": ([], "the default recipe (params.yaml: t_max annealed 980 -> 500), retrained with another seed"),
+    "fixed": ([FIXED], "VSD + CLIP loss over the paper's fixed range, t in [20, 980] throughout the run"),
+    "sid_lsg": ([FIXED, "distill.loss=sid", "distill.lora_guidance_scale=4.5", "distill.lora_train_guidance_scale=4.5"],
                 "SiD-LSG, alpha 1.2, CFG 4.5 for the teacher, the fake score and its training"),
-    "sid_fake1": (["distill.loss=sid"],
+    "sid_fake1": ([FIXED, "distill.loss=sid"],
                   "SiD, alpha 1.2, CFG 4.5 on the teacher, 1 on the fake score (its conditional branch)"),
-    "sid_clip4": (["distill.loss=sid", "distill.clip_weight=4.0"],
+    "sid_clip4": ([FIXED, "distill.loss=sid", "distill.clip_weight=4.0"],
                   "SiD as sid_fake1, CLIP-loss weight 4 (SiD's gradient is ~3x VSD's: about the default's balance)"),
-    "sid_lsg_alpha1": (["distill.loss=sid", "distill.sid_alpha=1.0", "distill.lora_guidance_scale=4.5",
+    "sid_lsg_alpha1": ([FIXED, "distill.loss=sid", "distill.sid_alpha=1.0", "distill.lora_guidance_scale=4.5",
                         "distill.lora_train_guidance_scale=4.5"], "SiD-LSG with alpha 1 (its SD scripts)"),
     "anneal500": (["distill.t_max_end=500"], "VSD, t_max annealed 980 -> 500 over the run"),
     "anneal300": (["distill.t_max_end=300"], "VSD, t_max annealed 980 -> 300 over the run"),
-    "tmax700": (["distill.t_max=700"], "VSD, t in [20, 700]"),
-    "cfg3": (["distill.guidance_scale=3.0"], "VSD, teacher CFG 3"),
-    "cfg6": (["distill.guidance_scale=6.0"], "VSD, teacher CFG 6"),
-    "steps2": (["distill.student_steps=2"], "VSD, a 2-step student (t = 599, 299), backward simulation"),
-    "steps4": (["distill.student_steps=4"], "VSD, a 4-step student (t = 599, 449, 299, 149), backward simulation"),
+    "tmax700": ([FIXED, "distill.t_max=700"], "VSD, t in [20, 700]"),
+    "cfg3": ([FIXED, "distill.guidance_scale=3.0"], "VSD, teacher CFG 3"),
+    "cfg6": ([FIXED, "distill.guidance_scale=6.0"], "VSD, teacher CFG 6"),
+    "steps2": ([FIXED, "distill.student_steps=2"], "VSD, a 2-step student (t = 599, 299), backward simulation"),
+    "steps4": ([FIXED, "distill.student_steps=4"], "VSD, a 4-step student (t = 599, 449, 299, 149), backward simulation"),
     "steps2_anneal500": (["distill.student_steps=2", "distill.t_max_end=500"],
                          "a 2-step student with t_max annealed 980 -> 500"),
     "steps4_anneal500": (["distill.student_steps=4", "distill.t_max_end=500"],
                          "a 4-step student with t_max annealed 980 -> 500"),
-    "steps4_t999": (["distill.student_steps=4", "distill.student_timestep=999"],
+    "steps4_t999": ([FIXED, "distill.student_steps=4", "distill.student_timestep=999"],
                     "VSD, a 4-step student at DMD2's timesteps (999, 749, 499, 249)"),
 }
 
@@ -185,7 +189,8 @@ def default_row() -> dict:
     metrics = json.loads(Path("reports/eval/metrics.json").read_text())
     versus = json.loads(Path("reports/eval/intervals.json").read_text())["vs_teacher"]
     trained = json.loads(Path("reports/distill/metrics.json").read_text())
-    return {"recipe": "default", "seed": 0, "overrides": [], "what": "the default: VSD + CLIP loss (params.yaml)",
+    return {"recipe": "default", "seed": 0, "overrides": [],
+            "what": "the default (params.yaml): VSD + CLIP loss, t_max annealed 980 -> 500",
             "steps": trained["steps"], "train_wall_s": trained["wall_s"], "steps_per_s": trained["steps_per_s"],
             "student": metrics["student_1"], "teacher": metrics[versus["teacher"]], "vs_teacher": versus["student_1"]}
 
@@ -199,9 +204,9 @@ def cell(diff: dict, metric: str) -> str:
 
 
 def table(rows: list[dict], timing: dict) -> list[str]:
-    base = next((r for r in rows if r["recipe"] == "default"), None)
+    base = next((r for r in rows if r["recipe"] == BASELINE), None)
     lines = ["| recipe | seed | steps | train time, timed alone | accuracy | FID | CLIP score | accuracy vs teacher | FID vs teacher "
-             "| CLIP vs teacher | accuracy gap vs default's | FID gap vs default's |", "|" + "---|" * 12]
+             f"| CLIP vs teacher | accuracy gap vs {BASELINE}'s | FID gap vs {BASELINE}'s |", "|" + "---|" * 12]
     for r in rows:
         s, v = r["student"], r["vs_teacher"]
         moved = ["-", "-"] if base is None or r is base else [
@@ -230,7 +235,7 @@ def over_seeds(rows: list[dict]) -> list[str]:
         if not lines:
             lines = ["", "## Over seeds", "",
                      "The within-run gap to the teacher (student minus teacher on the same prompts), mean ± standard "
-                     "deviation over the seeds run with `--seed`. For the default, seeds 0, 1 and 2 of the whole "
+                     "deviation over the seeds run with `--seed`. For the fixed range, seeds 0, 1 and 2 of the whole "
                      "pipeline: accuracy -0.035 ± 0.008, FID +0.064 ± 0.059 ([seeds.md](seeds.md)).", "",
                      "| recipe | seeds | accuracy gap | FID gap | CLIP-score gap |", "|---|---|---|---|---|"]
         cells = []
@@ -251,8 +256,9 @@ def report() -> str:
              "evaluated with `src.evaluate` on the same 500 eval prompts, seeds and teacher images as the "
              "default (teacher: 25 DDIM steps, CFG 4.5). In brackets: 95% bootstrap intervals of the paired "
              "difference from the teacher; better / worse only where the whole interval is on one side. The last "
-             "two columns move the within-run gap relative to the default's: a retrained default moves it by about "
-             "0.8 accuracy points between seeds ([seeds.md](seeds.md)). Train time: the run's steps at the "
+             "two columns move the within-run gap relative to the `fixed` recipe's (the paper's fixed t range, which every "
+             "lever was screened against): retrained from other seeds, that student's gap moves by about "
+             "0.8 accuracy points ([seeds.md](seeds.md)). Train time: the run's steps at the "
              "recipe's speed timed alone on this machine (`--time`: 40 steps from scratch, no validation).", ""]
     notes = OUT / "notes.md"             # the findings, written by hand from the tables below
     if notes.is_file():
@@ -265,7 +271,7 @@ def report() -> str:
             lines.append(f"| {name} | {' '.join(f'`{o}`' for o in overrides)} | {what} |")
     lines += over_seeds(rows)
     wide = sorted((json.loads(p.read_text()) for p in (OUT / "wide").glob("*.json")),
-                  key=lambda w: (w["tag"] != "default", w["tag"]))
+                  key=lambda w: (not w["tag"].startswith(BASELINE), w["tag"]))
     if wide:
         lines += ["", "## Finalists on 2000 prompts", "",
                   "The 2000-prompt eval set (`prompts/eval_2000.jsonl`; its first 500 are the ones above), paired "

@@ -103,14 +103,18 @@ VARIANTS = (
 BASE_OVERRIDES = ["distill.clip_model=null", "distill.ema_decay=null", "distill.lora_guidance_scale=null"]
 
 
+@dataclass
 class VariantLoss:
-    """The run's VSD loss computed the variant's way, called by distill's training step as it calls VSDLoss."""
+    """The run's VSD loss computed the variant's way, called by distill's training step as it calls VSDLoss
+    (which replaces `t_max` at each step when `distill.t_max_end` anneals the range)."""
 
-    def __init__(self, variant: Variant, base: VSDLoss):
-        self.variant, self.base = variant, base
+    variant: Variant
+    base: VSDLoss
+    t_max: int | None = None
 
     def __call__(self, unet, x0, cond, uncond, alphas_cumprod, generator):
-        return self.variant.vsd(self.base, unet, x0, cond, uncond, alphas_cumprod, generator), {}
+        base = self.base if self.t_max is None else replace(self.base, t_max=self.t_max)
+        return self.variant.vsd(base, unet, x0, cond, uncond, alphas_cumprod, generator), {}
 
 
 def variant_run(overrides: list[str], tmp: Path, variant: Variant, train_prompts: Path | None = None,
