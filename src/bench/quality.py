@@ -189,7 +189,7 @@ def default_row() -> dict:
     metrics = json.loads(Path("reports/eval/metrics.json").read_text())
     versus = json.loads(Path("reports/eval/intervals.json").read_text())["vs_teacher"]
     trained = json.loads(Path("reports/distill/metrics.json").read_text())
-    return {"recipe": "default", "seed": 0, "overrides": [],
+    return {"recipe": "default", "seed": 0, "overrides": [], "pipeline": True,
             "what": "the default (params.yaml): VSD + CLIP loss, t_max annealed 980 -> 500",
             "steps": trained["steps"], "train_wall_s": trained["wall_s"], "steps_per_s": trained["steps_per_s"],
             "student": metrics["student_1"], "teacher": metrics[versus["teacher"]], "vs_teacher": versus["student_1"]}
@@ -226,8 +226,9 @@ def over_seeds(rows: list[dict]) -> list[str]:
 
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        if r["recipe"] != "default" or r["seed"] != 0:
-            groups.setdefault(r["recipe"], []).append(r)
+        if not r.get("pipeline"):
+            name = r["recipe"] + (f" ({r['steps']} steps)" if f"distill.steps={r['steps']}" in r["overrides"] else "")
+            groups.setdefault(name, []).append(r)
     lines = []
     for name, group in groups.items():
         if len(group) < 2:
@@ -249,7 +250,7 @@ def over_seeds(rows: list[dict]) -> list[str]:
 def report() -> str:
     rows = [default_row()] + [r for r in (json.loads(p.read_text()) for p in sorted(OUT.glob("*.json")))
                               if "recipe" in r]             # not speed.json / timing.json
-    ran = [r for r in rows if r["recipe"] != "default"]
+    ran = [r for r in rows if not r.get("pipeline")]
     lines = ["# Distillation recipes, screened", "",
              f"Machine: {ran[0]['machine'] if ran else machine()}. Every row is one student trained with "
              "`src.distill` (the `dvc repro distill` code) from the recipe's overrides of params.yaml, then "
