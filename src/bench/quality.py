@@ -70,6 +70,16 @@ WIDE_PROMPTS = Path("prompts/eval_2000.jsonl")   # python -m src.prepare --eval-
 WIDE_IMAGES = Path("eval_wide")
 
 
+def run_tag(recipe: str, seed: int, steps: int | None) -> str:
+    """A run's name (its folder in WORK, its JSON and grid in OUT): recipe_s<seed>, _<steps> when --steps set it."""
+    return f"{recipe}_s{seed}" + (f"_{steps}" if steps else "")
+
+
+def set_length(row: dict) -> int | None:
+    """The run's `--steps`, or None when it kept params.yaml's length."""
+    return row["steps"] if f"distill.steps={row['steps']}" in row["overrides"] else None
+
+
 def evaluate_wide(tag: str) -> dict:
     """A finished run's student (or `default`: models/student) on the 2000-prompt eval set, paired with the
     teacher on the same prompts and seeds (its images drawn once, in eval_wide/)."""
@@ -106,7 +116,7 @@ def run_recipe(name: str, seed: int, steps: int | None) -> dict:
         raise UserError(f"--run {name}: unknown recipe (expected one of {', '.join(RECIPES)})")
     overrides = [*RECIPES[name][0], f"seed={seed}"] + ([f"distill.steps={steps}"] if steps else [])
     config = load_config(overrides=overrides)
-    tag = f"{name}_s{seed}" + (f"_{steps}" if steps else "")
+    tag = run_tag(name, seed, steps)
     work = WORK / tag
     tiny = Path(config.tiny_decoder) if config.tiny_decoder else None
     t0 = time.perf_counter()
@@ -227,7 +237,7 @@ def over_seeds(rows: list[dict]) -> list[str]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if not r.get("pipeline"):
-            name = r["recipe"] + (f" ({r['steps']} steps)" if f"distill.steps={r['steps']}" in r["overrides"] else "")
+            name = r["recipe"] + (f" ({r['steps']} steps)" if set_length(r) else "")
             groups.setdefault(name, []).append(r)
     lines = []
     for name, group in groups.items():
@@ -299,8 +309,7 @@ def report() -> str:
                          f"{r['images_per_s'] / base:.2f}x |")
     lines += ["", "## Samples", ""]
     for r in ran:
-        tag = f"{r['recipe']}_s{r['seed']}" + (f"_{r['steps']}" if f"distill.steps={r['steps']}" in r["overrides"]
-                                               else "")
+        tag = run_tag(r["recipe"], r["seed"], set_length(r))
         lines += [f"### {tag}", "", f"![{tag}](quality/{tag}.png)", ""]
     return "\n".join(lines)
 
